@@ -1,0 +1,24 @@
+# Two commands: `make demo` (tiny end-to-end run) and `make test`. Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Re-install only when the declared dependencies or the lock change.
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m kosmos_g.tinyworld.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,113 @@
+"""Where the pretrained parts come from: local folders for the paper preset, tiny stand-ins otherwise.
+
+The tiny stand-ins are written once into `runs/<run>/assets/` in the very formats the real ones
+use (a tokenizer folder; a Stable Diffusion-layout folder with `tokenizer/` and `text_encoder/`),
+and are then loaded through the same `from_pretrained` calls. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from kosmos_g.config import SAMPLE_KINDS, ConfigError, DataConfig, ModelConfig
+from kosmos_g.data.shards import read_shards
+from kosmos_g.models.diffusion import save_tiny_sd_folder
+from kosmos_g.models.tokenizers import (IMAGE_END, IMAGE_PAD, IMAGE_START, train_clip_tokenizer,
+                                        train_mllm_tokenizer)
+
+SD_TEXT_PARTS = ("tokenizer", "text_encoder")
+SD_PARTS = SD_TEXT_PARTS + ("unet", "vae", "scheduler")
+
+
+def _require_dir(path: str, key: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"{key}={path}: folder not found. Put {what} there (nothing is downloaded), "
+                          f"or fix {key}.")
+    return p
+
+
+def mllm_tokenizer(model: ModelConfig, assets: Path, texts: Callable[[], Iterable[str]]):
+    """The MLLM tokenizer: `model.llm.tokenizer_path`, or one trained on the tiny corpus (cached)."""
+    if model.llm.tokenizer_path:
+        path = _require_dir(model.llm.tokenizer_path, "model.llm.tokenizer_path",
+                            "a tokenizer folder loadable by AutoTokenizer.from_pretrained (e.g. a Llama/SentencePiece one)")
+        tok = AutoTokenizer.from_pretrained(path)
+        # Real tokenizers lack our image tokens; adding them is what a fresh stage-1 run expects.
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_START, IMAGE_END, IMAGE_PAD]})
+        if tok.pad_token is None:
+            tok.pad_token = tok.unk_token or tok.eos_token
+        return tok
+    folder = assets / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        _write_atomically(folder, lambda tmp: train_mllm_tokenizer(texts()).save_pretrained(tmp))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def diffusion_folder(model: ModelConfig, assets: Path, texts: Callable[[], Iterable[str]],
+                     parts: tuple[str, ...] = SD_TEXT_PARTS, image_size: int = 32) -> Path:
+    """A Stable Diffusion-layout folder holding at least `parts`: `model.diffusion_path`, or random tiny
+    parts (for `image_size`-px images) written once into `assets/sd`. `make demo` trains real tiny ones."""
+    if model.diffusion_path:
+        path = _require_dir(model.diffusion_path, "model.diffusion_path",
+                            "a local Stable Diffusion v1.5 folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/)")
+        missing = [p for p in parts if not (path / p).is_dir()]
+        if missing:
+            raise ConfigError(f"model.diffusion_path={path} lacks {missing}: expected the Stable Diffusion v1.5 "
+                              "layout (text_encoder/, tokenizer/, unet/, vae/, scheduler/)")
+        return path
+    folder = assets / "sd"
+    if not all((folder / p).is_dir() for p in parts):
+        _write_atomically(folder, lambda tmp: _write_tiny_sd(tmp, model, texts, image_size))
+    return folder
+
+
+def _write_tiny_sd(folder: Path, model: ModelConfig, texts: Callable[[], Iterable[str]], image_size: int) -> None:
+    tokenizer = train_clip_tokenizer(texts())
+    tokenizer.model_max_length = model.clip_max_tokens
+    tokenizer.save_pretrained(folder / "tokenizer")
+    c = model.tiny_clip_text
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=model.clip_max_tokens, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder.save_pretrained(folder / "text_encoder")
+    save_tiny_sd_folder(str(folder), cross_attention_dim=c.hidden_size, image_size=image_size)
+
+
+def corpus(data: DataConfig, limit: int = 5000) -> Iterator[str]:
+    """Texts to train the tiny tokenizers on: up to `limit` documents from the configured shards."""
+    n = 0
+    for kind in SAMPLE_KINDS:
+        spec = data.shards.get(kind) or str(Path(data.root) / kind)
+        if not Path(spec).exists() and "{" not in spec:
+            continue
+        for sample in read_shards(spec, kind):
+            if n >= limit:
+                return
+            n += 1
+            yield sample.text
+    if n == 0:
+        raise ConfigError(f"no shards under data.root={data.root} to build the tiny tokenizers from; "
+                          "write shards (docs/data-format.md) or set model.llm.tokenizer_path / model.diffusion_path")
+
+def load_text_encoder(folder: Path, dtype: str = "float32") -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """The frozen CLIP text encoder of an SD folder (it gives stage 2 its targets)."""
+    return (CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True,
+                                          dtype=getattr(torch, dtype)),
+            CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True))
+
+
+def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

@@ -1,0 +1,347 @@
+"""The configuration schema: dataclasses that Hydra composes YAML into, and that validate themselves.
+
+Hydra merges `configs/train.yaml` and the chosen group files (`stage/`, `model/`, `data/`,
+`trainer/`) onto `TrainConfig`, so an unknown key or a wrong type fails at composition.
+`OmegaConf.to_object` then builds these dataclasses, which runs every `__post_init__` check.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional, get_type_hints
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("mllm", "align", "instruct")
+SAMPLE_KINDS = ("text", "caption", "interleaved", "subject", "edit")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then polynomial decay (the paper's recipe for all stages)."""
+
+    lr: float = 1e-3
+    """Peak learning rate after warm-up."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas."""
+    eps: float = 1e-6
+    """Adam epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; not applied to biases, norms, embeddings or learned queries."""
+    warmup_steps: int = 375
+    """Linear warm-up steps from 0 to `lr`."""
+    decay_power: float = 1.0
+    """Exponent of the polynomial decay from `lr` to `end_lr` at `trainer.max_steps` (1 = linear)."""
+    end_lr: float = 0.0
+    """Learning rate reached at the last step."""
+    grad_clip: float = 2.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"stage.optim.lr must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"stage.optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        _check(self.warmup_steps >= 0, "stage.optim.warmup_steps must be >= 0")
+        _check(0 <= self.end_lr <= self.lr, "stage.optim.end_lr must be in [0, lr]")
+        _check(self.grad_clip >= 0, "stage.optim.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class StageConfig:
+    """What one training stage does: its name, optimiser and loss settings."""
+
+    name: str = MISSING
+    """One of mllm, align, instruct (set by the `stage=` group choice)."""
+    batch_size: int = 8
+    """Per-device batch size."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    target_weight: float = 1.0
+    """align: weight of MSE(M(s), CLIP-text(caption))."""
+    recon_weight: float = 1.0
+    """align: weight of the reconstruction MSE(N(M(s)), s), itself scaled by 77/len(s) as in the paper."""
+    cfg_dropout: float = 0.1
+    """instruct: probability that a condition is replaced by the empty prompt's (classifier-free guidance)."""
+    sample_every_n_steps: int = 0
+    """instruct: log a grid of generated samples every N steps (0 disables)."""
+
+    def __post_init__(self):
+        _check(self.name in STAGES, f"stage.name must be one of {', '.join(STAGES)}; got {self.name!r}")
+        _check(self.batch_size > 0, "stage.batch_size must be > 0")
+        _check(self.target_weight >= 0 and self.recon_weight >= 0, "stage loss weights must be >= 0")
+        _check(0 <= self.cfg_dropout < 1, "stage.cfg_dropout must be in [0, 1)")
+
+
+@dataclass
+class LLMConfig:
+    """The decoder LM of the MLLM (a Llama-style transformers model built from these sizes)."""
+
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 32
+    intermediate_size: int = 5504
+    """SwiGLU width; 5504 keeps the FFN parameter count of the paper's 8192-wide GELU FFN."""
+    max_positions: int = 2048
+    """Context length in tokens (the paper trains on 2048-token samples)."""
+    tokenizer_path: Optional[str] = None
+    """Folder loadable by `AutoTokenizer.from_pretrained` (e.g. a SentencePiece/Llama tokenizer).
+    None builds a small tokenizer from the tiny corpus (tiny preset only)."""
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0,
+               f"model.llm.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        _check(self.num_layers > 0 and self.max_positions > 0, "model.llm sizes must be > 0")
+
+
+@dataclass
+class AlignerConfig:
+    """AlignerNet: M maps MLLM states to the U-Net's CLIP-text space, N reconstructs them."""
+
+    num_heads: int = 12
+    ffn_size: int = 3072
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    num_queries: int = 77
+    """Length of M's output: the CLIP-text sequence length the U-Net expects."""
+    max_source_positions: int = 32768
+    """Rows of the learned position tables and of N's query table (the original code uses 32768)."""
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(self.encoder_layers > 0 and self.decoder_layers > 0, "model.aligner layer counts must be > 0")
+        _check(self.num_queries > 0, "model.aligner.num_queries must be > 0")
+
+
+@dataclass
+class VisionConfig:
+    """The CLIP ViT (timm) that turns each image into tokens for the resampler."""
+
+    model_name: str = "vit_large_patch14_clip_quickgelu_224"
+    """A timm ViT name; the default is OpenAI CLIP ViT-L/14 (QuickGELU), the paper's encoder."""
+    img_size: int = 224
+    """Input resolution; CLIP-normalised crops of this size are fed to the encoder."""
+    weights_path: Optional[str] = None
+    """Local open_clip / OpenAI CLIP checkpoint of the visual tower. None: random init (tiny preset)."""
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra sizes for `timm.create_model` (the tiny preset shrinks the ViT here)."""
+    unlocked_last_blocks: int = 1
+    """Stages mllm/instruct train this many last ViT blocks (the paper: 1)."""
+    unlock_final_norm: bool = True
+    """...and the final LayerNorm."""
+    num_image_tokens: int = 64
+    """Resampler latents: the placeholder tokens per image in the MLLM input (the paper: 64)."""
+    resampler_heads: Optional[int] = None
+    """Attention heads of the resampler; None uses llm.hidden_size // 64."""
+
+    def __post_init__(self):
+        _check(self.img_size > 0 and self.num_image_tokens > 0, "model.vision sizes must be > 0")
+        _check(self.unlocked_last_blocks >= 0, "model.vision.unlocked_last_blocks must be >= 0")
+
+
+@dataclass
+class TinyClipTextConfig:
+    """Sizes of the CLIP text encoder built when `model.diffusion_path` is None (tiny preset)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+
+
+@dataclass
+class ModelConfig:
+    """Every network of Kosmos-G and where its weights come from."""
+
+    name: str = MISSING
+    """Preset name (tiny, paper)."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    diffusion_path: Optional[str] = None
+    """A local Stable Diffusion v1.5-layout folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/).
+    None builds tiny random components from `tiny_clip_text` into the run's assets folder."""
+    tiny_clip_text: TinyClipTextConfig = field(default_factory=TinyClipTextConfig)
+    clip_max_tokens: int = 77
+    """CLIP text length including <bos>/<eos>: captions keep at most 75 tokens, as in the paper."""
+    diffusion_dtype: str = "float32"
+    """dtype of the frozen U-Net/VAE/CLIP-text (float32, float16, bfloat16): half precision halves their memory."""
+
+    def __post_init__(self):
+        _check(self.clip_max_tokens == self.aligner.num_queries,
+               f"model.clip_max_tokens ({self.clip_max_tokens}) must equal model.aligner.num_queries "
+               f"({self.aligner.num_queries}): M must produce one vector per CLIP token")
+        _check(self.diffusion_dtype in ("float32", "float16", "bfloat16"),
+               f"model.diffusion_dtype must be float32, float16 or bfloat16, got {self.diffusion_dtype!r}")
+
+
+DEFAULT_MIXTURE = {
+    "mllm": {"text": 1.0, "caption": 1.0, "interleaved": 1.0},
+    "align": {"caption": 1.0},
+    "instruct": {"caption": 1.0, "edit": 2.0, "subject": 2.0},  # the paper's 1 : 2 : 2
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the training shards are (docs/data-format.md) and how they are mixed and read."""
+
+    name: str = MISSING
+    root: str = MISSING
+    """Folder holding one subfolder of .tar shards per sample kind: <root>/caption/*.tar, <root>/edit/*.tar..."""
+    shards: Dict[str, str] = field(default_factory=dict)
+    """Per-kind override of <root>/<kind>: a folder of .tar files or a webdataset brace pattern."""
+    mixture: Dict[str, Dict[str, float]] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MIXTURE.items()})
+    """Per stage, the sampling weight of each sample kind."""
+    generate_tiny_world: bool = False
+    """Write the tiny world's shards into `root` first when they are missing (tiny preset)."""
+    tiny_world_samples: int = 3000
+    """With generate_tiny_world: samples per kind to generate."""
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    max_text_tokens: int = 128
+    """Longer documents are skipped and counted (reason `too_long`)."""
+    entity_drop_prob: float = 0.5
+    """subject kind: probability that the entity word before a subject image is dropped (the paper's 0.5)."""
+    vae_image_size: int = 512
+    """Target images: centre crop to this size, scaled to [-1, 1], for the VAE."""
+
+    def __post_init__(self):
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
+        _check(0 <= self.entity_drop_prob <= 1, "data.entity_drop_prob must be in [0, 1]")
+        for stage, mix in self.mixture.items():
+            _check(stage in STAGES, f"data.mixture has unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            _check(all(k in SAMPLE_KINDS for k in mix),
+                   f"data.mixture.{stage} has unknown kinds {sorted(set(mix) - set(SAMPLE_KINDS))}; "
+                   f"kinds are {', '.join(SAMPLE_KINDS)}")
+            _check(sum(mix.values()) > 0 and all(w >= 0 for w in mix.values()),
+                   f"data.mixture.{stage} weights must be >= 0 with a positive sum")
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments for `lightning.Trainer` (only the ones this project sets)."""
+
+    name: str = MISSING
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 200
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    deterministic: bool = False
+    activation_checkpointing: bool = False
+    """Recompute the MLLM's decoder layers (and ViT blocks) in backward: less memory, ~30% more compute."""
+    max_bad_steps: int = 10
+    """A non-finite loss or gradient skips the step; this many in a row stops the run with an error."""
+
+    def __post_init__(self):
+        _check(self.max_bad_steps > 0, "trainer.max_bad_steps must be > 0")
+        _check(self.max_steps > 0, "trainer.max_steps must be > 0")
+        _check(self.log_every_n_steps > 0, "trainer.log_every_n_steps must be > 0")
+        _check(self.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """One training run of one stage: `python train.py stage=<mllm|align|instruct> [overrides]`."""
+
+    stage: StageConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    run_name: str = "tiny"
+    """Experiment name; all stages of one experiment live in `<runs_dir>/<run_name>/`."""
+    runs_dir: str = "runs"
+    """Root folder of all runs (relative paths are relative to the working directory)."""
+    init_from: str = "auto"
+    """Where earlier stages' weights come from: `auto` (this run's exports), `none` (fresh init; only
+    valid for stage=align with a random MLLM, or stage=mllm), or a path: an export folder, or a run's
+    stage folder's parent (`runs/<name>`)."""
+    resume: str = "auto"
+    """`auto`: continue from this stage's `checkpoints/last.ckpt` when it exists; `none`: start over
+    (existing checkpoints are moved aside, never deleted); or a path to a .ckpt file."""
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(bool(self.run_name) and "/" not in self.run_name,
+               f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/train.yaml` can name it first in its defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def schema_keys(node: Any = TrainConfig, prefix: str = "") -> list[str]:
+    """All dotted keys the schema accepts (used to name the allowed keys in errors)."""
+    keys = []
+    hints = get_type_hints(node)
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if is_dataclass(hints[f.name]):
+            keys += schema_keys(hints[f.name], key + ".")
+    return keys
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Fail early, with the allowed keys and a guess, on an override naming no schema key.
+
+    Hydra also rejects such keys, but names neither the keys it would accept nor the likely typo.
+    """
+    allowed = schema_keys()
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("hydra", "+hydra", "~", "--")):
+            continue
+        key = ov.split("=", 1)[0].lstrip("+")
+        if "@" in key or key in allowed or key in ("stage", "model", "data", "trainer"):
+            continue
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if parent not in allowed:  # the whole prefix is unknown: list the top-level keys
+            parent = ""
+        siblings = sorted(k for k in allowed if k.rsplit(".", 1)[0] == parent or (not parent and "." not in k))
+        guess = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        raise ConfigError(
+            f"Unknown config key '{key}' in override '{ov}'.{hint} "
+            f"Allowed keys{' under ' + repr(parent) if parent else ''}: {', '.join(siblings)}. "
+            "See `python train.py --cfg job` for the full config."
+        )
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve and build the dataclasses (running every `__post_init__` check)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. a missing mandatory value or a bad interpolation
+        raise ConfigError(str(e)) from e
+
+
+def load_config(overrides: list[str] = (), config_dir: Path = CONFIG_DIR) -> TrainConfig:
+    """Compose `configs/train.yaml` with command-line style overrides, as `train.py` does (for tests, notebooks)."""
+    overrides = list(overrides)
+    check_override_keys(overrides)
+    register_configs()
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        try:
+            cfg = compose("train", overrides=overrides)
+        except Exception as e:  # Hydra puts the useful part ("could not be converted to Float") in the cause
+            raise ConfigError(f"{e}: {e.__cause__}" if e.__cause__ else str(e)) from e
+    return to_train_config(cfg)

@@ -1,0 +1,1 @@
+"""The shard format, converters, and the DataModule shared by every stage."""

@@ -1,0 +1,1 @@
+"""Networks: one file per model (mllm, vision, resampler, aligner, diffusion) and the tokenizers."""

@@ -1,0 +1,167 @@
+"""Run directories, stage exports and the handoff between stages.
+
+    runs/<run_name>/
+      assets/                 tokenizers and tiny stand-ins for pretrained parts (tiny preset)
+      data/                   generated tiny shards (tiny preset)
+      <stage>/                one per stage: mllm, align, instruct
+        config.yaml           the fully resolved config of the last launch
+        checkpoints/          Lightning checkpoints (last.ckpt, step-*.ckpt), written atomically
+        tensorboard/          event files
+        export/               what the next stage loads; manifest.json says what it is
+
+Exports are self-contained: the align export holds the MLLM it was aligned to, so `stage=instruct`
+needs only it. A folder only becomes `export/` once completely written (write to a temp folder,
+then rename), so a crash never leaves a half-written export behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from kosmos_g.config import ConfigError
+
+MANIFEST = "manifest.json"
+# The stage whose export each stage starts from under `init_from=auto`.
+PREDECESSOR = {"mllm": None, "align": "mllm", "instruct": "align"}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    stage: str
+
+    @classmethod
+    def create(cls, runs_dir: str, run_name: str, stage: str) -> "RunPaths":
+        return cls(Path(runs_dir) / run_name, stage)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.root / self.stage
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.stage_dir / "tensorboard"
+
+    @property
+    def export(self) -> Path:
+        return self.stage_dir / "export"
+
+    @property
+    def assets(self) -> Path:
+        return self.root / "assets"
+
+
+def config_hash(resolved: dict) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def write_export(export_dir: Path, stage: str, step: int, cfg_hash: str,
+                 parts: dict[str, Callable[[Path], None]]) -> Path:
+    """Write each part with its writer into a temp folder, add the manifest, then swap it in.
+
+    `parts` maps a subfolder name to its writer; the name "." writes into the export folder itself.
+    """
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, write in parts.items():
+        write(tmp / name)
+    manifest = {"stage": stage, "step": step, "config_hash": cfg_hash, "parts": sorted(os.listdir(tmp)),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    old = export_dir.with_name(export_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if export_dir.exists():
+        export_dir.rename(old)
+    tmp.rename(export_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return export_dir
+
+
+def copy_part(src: Path) -> Callable[[Path], None]:
+    """A writer that copies an exported part (hard links where possible, so it costs no space)."""
+    def write(dst: Path) -> None:
+        def link(s, d):
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+        shutil.copytree(src, dst, copy_function=link)
+    return write
+
+
+def read_manifest(export_dir: Path) -> dict:
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{export_dir} is not a stage export: {MANIFEST} is missing "
+                          "(exports are written by train.py at the end of each stage)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is corrupt ({e}); re-run the stage that wrote it") from e
+
+
+def resolve_init(init_from: str, stage: str, paths: RunPaths, run_name: str) -> Path | None:
+    """The export this stage starts from, or None for a fresh start. Errors say what to run first."""
+    needed = PREDECESSOR[stage]
+    if init_from == "none":
+        if stage == "instruct":
+            raise ConfigError("stage=instruct cannot start from scratch (init_from=none): it tunes an aligned "
+                              f"MLLM. Run `python train.py stage=mllm run_name={run_name}` and then "
+                              f"`python train.py stage=align run_name={run_name}` first, or pass "
+                              "init_from=<an align export folder>.")
+        return None
+    if needed is None:
+        if init_from != "auto":
+            raise ConfigError(f"stage=mllm has no predecessor; init_from must be auto or none, got {init_from!r}")
+        return None
+    if init_from == "auto":
+        export = paths.root / needed / "export"
+        if not (export / MANIFEST).is_file():
+            order = " -> ".join(s for s in ("mllm", "align", "instruct") if s != stage) + f" -> {stage}"
+            first = f"`python train.py stage={needed} run_name={run_name}`"
+            extra = " or init_from=none to align a freshly initialised MLLM" if stage == "align" else ""
+            raise ConfigError(f"stage={stage} starts from the {needed!r} stage's export, and {export} does not "
+                              f"exist. Stage order is {order}. Run {first} first, or pass "
+                              f"init_from=<export folder>{extra}.")
+        return export
+    export = Path(init_from)
+    if not (export / MANIFEST).is_file() and (export / needed / "export" / MANIFEST).is_file():
+        export = export / needed / "export"  # a run folder was given
+    got = read_manifest(export)["stage"]
+    if got != needed:
+        raise ConfigError(f"init_from={init_from} is a {got!r} export, but stage={stage} needs a {needed!r} export")
+    return export
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a TensorBoard log folder: tag -> [(step, value), ...] (for tests and the demo's summary)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temp file, then rename: a crash never leaves a half-written file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""One LightningModule per training stage: mllm, align, instruct."""

@@ -1,0 +1,117 @@
+"""Stage 2, `stage=align`: AlignerNet learns to map the frozen MLLM's states to the U-Net's CLIP-text space.
+
+Text only. For a caption c, with s = MLLM(`<s> c </s>`) and t = CLIPText(c) (77 x d_clip):
+
+    loss = target_weight * MSE(M(s), t) + recon_weight * MSE(N(M(s)), s) * 77 / len(s)
+
+Only AlignerNet (M and N) trains; the MLLM and the CLIP text encoder are frozen and kept in eval mode.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from kosmos_g.assets import SD_TEXT_PARTS, corpus, diffusion_folder, load_text_encoder
+from kosmos_g.config import TrainConfig
+from kosmos_g.data.datamodule import KosmosGDataModule
+from kosmos_g.data.format import Sample
+from kosmos_g.data.shards import BadSample
+from kosmos_g.models.aligner import AlignerNet
+from kosmos_g.processor import KosmosGProcessor, PromptError
+from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, save_part, trainable_state_dict
+
+
+class AlignFeatures:
+    """Sample -> the caption as MLLM tokens (`<s> c </s>`) and as CLIP token ids padded to 77."""
+
+    def __init__(self, processor: KosmosGProcessor, clip_tokenizer, clip_max_tokens: int, max_text_tokens: int):
+        self.processor, self.clip_tokenizer = processor, clip_tokenizer
+        self.clip_max_tokens, self.max_text_tokens = clip_max_tokens, max_text_tokens
+
+    def __call__(self, sample: Sample, rng: random.Random) -> dict:
+        text = sample.text.strip()
+        clip_ids = self.clip_tokenizer(text).input_ids
+        if len(clip_ids) > self.clip_max_tokens:  # the paper keeps captions of <= 75 CLIP tokens
+            raise BadSample("too_long", f"{len(clip_ids)} CLIP tokens")
+        try:
+            encoded = self.processor([text])
+        except PromptError as e:
+            raise BadSample("too_long", str(e)) from None
+        if len(encoded.input_ids) > self.max_text_tokens:
+            raise BadSample("too_long", f"{len(encoded.input_ids)} MLLM tokens")
+        pad = self.clip_tokenizer.pad_token_id
+        return {"encoded": encoded,
+                "clip_input_ids": torch.tensor(clip_ids + [pad] * (self.clip_max_tokens - len(clip_ids)))}
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.processor.collate([f["encoded"] for f in features])
+        batch["clip_input_ids"] = torch.stack([f["clip_input_ids"] for f in features])
+        return batch
+
+
+class AlignerModule(L.LightningModule):
+    def __init__(self, mllm, text_encoder, aligner: AlignerNet, cfg: TrainConfig, export_sources: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.mllm = freeze(mllm)
+        self.text_encoder = freeze(text_encoder)
+        self.aligner = aligner.train()  # the only trainable part
+        self.export_sources = export_sources
+        self.strict_loading = False  # checkpoints hold the aligner only; frozen parts come from their exports
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.mllm.eval()  # frozen parts never switch to train mode (dropout stays off)
+        self.text_encoder.eval()
+        return self
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        attention_mask = batch["attention_mask"]
+        with torch.no_grad():
+            s = self.mllm.encode(batch["input_ids"], attention_mask)                    # [B, L, d_llm]
+            target = self.text_encoder(batch["clip_input_ids"]).last_hidden_state.float()  # [B, 77, d_clip]
+
+        condition = self.aligner.encode(s, padding_mask=attention_mask == 0)             # M(s): [B, 77, d_clip]
+        target_mse = F.mse_loss(condition, target)
+
+        recon = self.aligner.reconstruct(condition, s.shape[1])                          # N(M(s)): [B, L, d_llm]
+        mask = attention_mask.float()
+        lengths = mask.sum(1)
+        recon_mse = (((recon - s) ** 2).mean(-1) * mask).sum(1) / lengths                # per sample, real tokens
+        # The paper scales the reconstruction by 77 / len(s): short captions weigh as much as the target term.
+        recon_loss = (recon_mse * self.cfg.model.clip_max_tokens / lengths).mean()
+
+        loss = self.cfg.stage.target_weight * target_mse + self.cfg.stage.recon_weight * recon_loss
+        cosine = F.cosine_similarity(condition.detach(), target, dim=-1).mean()
+        self.log_dict({"train/loss": loss, "align/target_mse": target_mse, "align/recon_mse": recon_mse.mean(),
+                       "align/recon_loss": recon_loss, "align/cosine": cosine}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+
+    def export_parts(self) -> dict:
+        """What stage 3 needs: the MLLM it was aligned to, its processor, and the aligner."""
+        return {**self.export_sources, "aligner": save_part(self.aligner)}
+
+
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
+    """The AlignerModule and its DataModule for this config; `init_export` is the mllm export (or None)."""
+    texts = lambda: corpus(cfg.data)  # noqa: E731 (only read when a tiny tokenizer must be trained)
+    mllm, processor, export_sources = load_mllm(cfg, assets, init_export, texts)
+    sd = diffusion_folder(cfg.model, assets, texts, parts=SD_TEXT_PARTS, image_size=cfg.data.vae_image_size)
+    text_encoder, clip_tokenizer = load_text_encoder(sd, cfg.model.diffusion_dtype)
+    aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=mllm.config.hidden_size,
+                                           clip_dim=text_encoder.config.hidden_size)
+    features = AlignFeatures(processor, clip_tokenizer, cfg.model.clip_max_tokens, cfg.data.max_text_tokens)
+    module = AlignerModule(mllm, text_encoder, aligner, cfg, export_sources)
+    data = KosmosGDataModule(cfg.data, "align", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    return module, data

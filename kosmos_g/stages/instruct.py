@@ -1,0 +1,185 @@
+"""Stage 3, `stage=instruct`: score-distillation instruction tuning through the frozen U-Net.
+
+For an interleaved instruction x and its target image y:
+
+    c = M(MLLM(x))                              the U-Net condition, [B, 77, d_clip]
+    z = VAE(y);  z_t = noise(z, eps, t)         frozen VAE, DDPM training noise
+    loss = MSE(UNet(z_t, t, c), eps)            frozen U-Net; gradients reach c only
+
+Trains the MLLM (LM, resampler, last ViT block + final norm) and aligner M; N is unused and frozen.
+With probability `stage.cfg_dropout` a condition is replaced by the empty prompt's (`<s></s>`), so the
+model also learns the null condition classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid
+
+from kosmos_g.assets import SD_PARTS, corpus, diffusion_folder
+from kosmos_g.config import ConfigError, TrainConfig
+from kosmos_g.data.datamodule import KosmosGDataModule, vae_image_transform
+from kosmos_g.data.format import Entity, Sample, SubjectImage
+from kosmos_g.data.shards import BadSample
+from kosmos_g.models.aligner import AlignerNet
+from kosmos_g.models.diffusion import FrozenDiffusion
+from kosmos_g.pipeline import KosmosGPipeline, condition
+from kosmos_g.processor import KosmosGProcessor, PromptError
+from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, trainable_state_dict
+
+TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the noise schedule
+
+
+def instruction(sample: Sample, rng: random.Random, entity_drop_prob: float) -> list:
+    """The prompt of a sample as `str | PIL.Image` segments (captions: the text; edits: source then text).
+
+    Subject samples: the entity word before a subject image is dropped with `entity_drop_prob` (the paper's
+    0.5), and the subject is shown as its crop or, when there is one, on white, with equal odds.
+    """
+    if sample.kind == "caption":
+        return [sample.text]
+    out = []
+    for seg in sample.segments:
+        if isinstance(seg, Entity):
+            if rng.random() >= entity_drop_prob:
+                out.append(seg.text)
+        elif isinstance(seg, SubjectImage):
+            out.append(seg.on_white if seg.on_white is not None and rng.random() < 0.5 else seg.image)
+        else:
+            out.append(seg)
+    return out
+
+
+class InstructFeatures:
+    def __init__(self, processor: KosmosGProcessor, image_size: int, max_text_tokens: int, entity_drop_prob: float):
+        self.processor, self.max_text_tokens, self.entity_drop_prob = processor, max_text_tokens, entity_drop_prob
+        self.target_transform = vae_image_transform(image_size)
+
+    def __call__(self, sample: Sample, rng: random.Random) -> dict:
+        prompt = instruction(sample, rng, self.entity_drop_prob)
+        try:
+            encoded = self.processor(prompt)
+        except PromptError as e:
+            raise BadSample("too_long", str(e)) from None
+        if len(encoded.input_ids) > self.max_text_tokens:
+            raise BadSample("too_long", f"{len(encoded.input_ids)} tokens")
+        return {"encoded": encoded, "target": self.target_transform(sample.target.convert("RGB")),
+                "kind": sample.kind, "prompt": prompt}
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.processor.collate([f["encoded"] for f in features])
+        batch["target_pixels"] = torch.stack([f["target"] for f in features])
+        batch["kinds"] = [f["kind"] for f in features]
+        batch["prompts"] = [f["prompt"] for f in features]
+        return batch
+
+
+class ScoreDistillTuner(L.LightningModule):
+    def __init__(self, mllm, processor: KosmosGProcessor, aligner: AlignerNet, diffusion: FrozenDiffusion,
+                 cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.processor = processor
+        self.mllm = mllm.requires_grad_(True)
+        self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
+        self.mllm.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
+        self.aligner = aligner
+        self.lock_aligner_n()
+        self.diffusion = diffusion.freeze()  # U-Net and VAE: no gradients, eval mode, never optimised
+        self.empty_prompt = processor.collate([processor("")])  # the null condition's input, `<s></s>`
+        self.sample_prompts: list | None = None  # fixed at the first batch, reused for every sample grid
+        self.strict_loading = False
+
+    def lock_aligner_n(self) -> None:
+        """Train only M: the reconstruction half N is not part of the stage-3 graph."""
+        self.aligner.requires_grad_(False)
+        for p in self.aligner.m_parameters():
+            p.requires_grad_(True)
+
+    def cfg_drop_mask(self, batch_size: int) -> torch.Tensor:
+        """True where the condition is replaced by the null one (probability `stage.cfg_dropout`)."""
+        return torch.rand(batch_size, device=self.device) < self.cfg.stage.cfg_dropout
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.sample_prompts is None:
+            self.sample_prompts = batch["prompts"][:4]
+        latents = self.diffusion.encode_images(batch["target_pixels"])           # frozen VAE, no grad
+        noisy, noise, timesteps = self.diffusion.add_noise(latents)
+
+        cond = condition(self.mllm, self.aligner, batch)                          # [B, 77, d_clip]
+        drop = self.cfg_drop_mask(len(cond))
+        if drop.any():
+            empty = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.empty_prompt.items()}
+            null = condition(self.mllm, self.aligner, empty)                        # trained as well
+            cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
+
+        eps = self.diffusion.predict_noise(noisy, timesteps, cond)
+        per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = per_sample.mean()
+
+        logs = {"train/loss": loss, "instruct/cfg_dropped": drop.float().mean()}
+        bucket = timesteps * TIMESTEP_BUCKETS // self.diffusion.num_train_timesteps
+        for b in range(TIMESTEP_BUCKETS):
+            if (bucket == b).any():
+                logs[f"instruct/loss_t{b}"] = per_sample[bucket == b].mean()
+        for kind in sorted(set(batch["kinds"])):
+            rows = torch.tensor([k == kind for k in batch["kinds"]], device=self.device)
+            logs[f"instruct/loss_{kind}"] = per_sample[rows].mean()
+        self.log_dict(logs, prog_bar=True, batch_size=len(per_sample))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.cfg.stage.sample_every_n_steps
+        if every and self.global_step % every == 0 and self.logger is not None and self.trainer.is_global_zero:
+            self.log_samples()
+
+    @torch.no_grad()
+    def log_samples(self) -> None:
+        """Generate for the fixed sample prompts and log the grid to TensorBoard."""
+        pipe = self.pipeline().use_scheduler("dpm++")
+        pipe.set_progress_bar_config(disable=True)
+        was_training = self.training
+        self.eval()
+        images = pipe(self.sample_prompts, num_inference_steps=10, guidance_scale=4.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+        self.train(was_training)
+        self.logger.experiment.add_image("samples", make_grid(images.float().cpu(), nrow=len(images)),
+                                         self.global_step)
+
+    def pipeline(self) -> KosmosGPipeline:
+        d = self.diffusion
+        return KosmosGPipeline(mllm=self.mllm, processor=self.processor, aligner=self.aligner, unet=d.unet,
+                               vae=d.vae, scheduler=d.noise_scheduler)
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+
+    def export_parts(self) -> dict:
+        """The export is a whole `KosmosGPipeline` folder (sampling with DPM-Solver++ by default)."""
+        return {".": lambda path: self.pipeline().use_scheduler("dpm++").save_pretrained(path)}
+
+
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
+    """The tuner, starting from the align export (MLLM + processor + aligner), and the 1:2:2 DataModule."""
+    texts = lambda: corpus(cfg.data)  # noqa: E731
+    mllm, processor, _ = load_mllm(cfg, assets, init_export, texts)
+    aligner = AlignerNet.from_pretrained(init_export / "aligner")
+    sd = diffusion_folder(cfg.model, assets, texts, parts=SD_PARTS, image_size=cfg.data.vae_image_size)
+    diffusion = FrozenDiffusion.from_pretrained(str(sd), dtype=getattr(torch, cfg.model.diffusion_dtype))
+    if aligner.config.clip_dim != diffusion.cross_attention_dim:
+        raise ConfigError(f"the aligner in {init_export} outputs width {aligner.config.clip_dim}, but the U-Net in "
+                          f"{sd} attends to width {diffusion.cross_attention_dim}: run stage=align against the "
+                          "same model.diffusion_path as stage=instruct")
+    module = ScoreDistillTuner(mllm, processor, aligner, diffusion, cfg)
+    features = InstructFeatures(processor, cfg.data.vae_image_size, cfg.data.max_text_tokens,
+                                cfg.data.entity_drop_prob)
+    data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    return module, data

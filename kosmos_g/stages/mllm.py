@@ -1,0 +1,93 @@
+"""Stage 1, `stage=mllm`: multimodal language modelling on text, image-caption pairs and interleaved documents.
+
+Every document becomes `<s> text <image> [N resampler outputs] </image> text </s>`; the loss is next-token
+cross-entropy on text tokens only (the processor's labels are -100 on `<s>`, image tokens and padding).
+Trains all of the LM, the resampler, and the ViT's last block + final norm (the rest of the ViT is frozen).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from kosmos_g.assets import corpus
+from kosmos_g.config import TrainConfig
+from kosmos_g.data.datamodule import KosmosGDataModule
+from kosmos_g.data.format import Sample
+from kosmos_g.data.shards import BadSample
+from kosmos_g.processor import KosmosGProcessor, PromptError
+from kosmos_g.stages.common import configure_adamw, load_mllm, save_part, trainable_state_dict
+
+
+class MLLMFeatures:
+    """Sample -> processor inputs: a caption pair is read as `<image> caption`, a document in its own order."""
+
+    def __init__(self, processor: KosmosGProcessor, max_text_tokens: int):
+        self.processor, self.max_text_tokens = processor, max_text_tokens
+
+    def __call__(self, sample: Sample, rng: random.Random) -> dict:
+        segments = [sample.target, sample.text] if sample.kind == "caption" else list(sample.segments)
+        try:
+            encoded = self.processor(segments)
+        except PromptError as e:  # longer than the context: skip and count, as any bad sample
+            raise BadSample("too_long", str(e)) from None
+        if len(encoded.input_ids) > self.max_text_tokens:
+            raise BadSample("too_long", f"{len(encoded.input_ids)} tokens")
+        return {"encoded": encoded, "kind": sample.kind}
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.processor.collate([f["encoded"] for f in features])
+        batch["kinds"] = [f["kind"] for f in features]
+        return batch
+
+
+class MultimodalLMModule(L.LightningModule):
+    def __init__(self, mllm, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mllm = mllm
+        self.mllm.requires_grad_(True)
+        self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
+        self.mllm.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
+        self.strict_loading = False  # checkpoints skip the frozen ViT blocks
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.mllm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                           batch["image_mask"]).logits
+        # Next-token loss per token, so it can also be reported per source kind.
+        labels = batch["labels"][:, 1:]
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                     reduction="none").view_as(labels)
+        counted = (labels != -100).float()
+        loss = (token_loss * counted).sum() / counted.sum()
+
+        logs = {"train/loss": loss, "train/ppl": math.exp(min(loss.item(), 20.0))}
+        for kind in sorted(set(batch["kinds"])):
+            rows = torch.tensor([k == kind for k in batch["kinds"]], device=labels.device)
+            logs[f"mllm/loss_{kind}"] = (token_loss[rows] * counted[rows]).sum() / counted[rows].sum().clamp(min=1)
+        self.log_dict(logs, prog_bar=True, batch_size=len(batch["kinds"]))
+        return loss
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+
+    def export_parts(self) -> dict:
+        return {"mllm": save_part(self.mllm), "processor": save_part(self.processor)}
+
+
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
+    """A freshly initialised MLLM (stage 1 has no predecessor) and the text/caption/interleaved DataModule."""
+    mllm, processor, _ = load_mllm(cfg, assets, init_export, lambda: corpus(cfg.data))
+    module = MultimodalLMModule(mllm, cfg)
+    module.processor = processor
+    features = MLLMFeatures(processor, cfg.data.max_text_tokens)
+    data = KosmosGDataModule(cfg.data, "mllm", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    return module, data

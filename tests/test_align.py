@@ -1,0 +1,95 @@
+"""Stage 2 (align): exactly the aligner trains, its losses are the paper's, and train.py runs it end to end."""
+
+import json
+
+import pytest
+import torch
+
+from kosmos_g.config import load_config
+from kosmos_g.models.aligner import AlignerNet
+from kosmos_g.models.mllm import MultimodalLM
+from kosmos_g.processor import KosmosGProcessor
+from kosmos_g.run import RunPaths, read_scalars
+from kosmos_g.stages.align import build
+from kosmos_g.stages.common import trainable_names
+from kosmos_g.tinyworld.data import write_world_shards
+from kosmos_g.train import main
+
+
+@pytest.fixture
+def align(tmp_path, tiny_overrides):
+    cfg = load_config(["stage=align", "init_from=none", *tiny_overrides])
+    write_world_shards(cfg.data.root, samples=100, size=cfg.data.vae_image_size)
+    module, data = build(cfg, RunPaths.create(cfg.runs_dir, cfg.run_name, "align").assets, None)
+    return module, data
+
+
+def test_only_the_aligner_trains(align):
+    module, _ = align
+    expected = sorted(f"aligner.{n}" for n, _ in module.aligner.named_parameters())
+    assert sorted(trainable_names(module)) == expected
+    assert any(n.startswith("aligner.m_") for n in expected) and any(n.startswith("aligner.n_") for n in expected)
+    optimised = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in module.aligner.parameters()}
+    module.train()
+    assert not module.mllm.training and not module.text_encoder.training and module.aligner.training
+
+
+def test_step_updates_aligner_and_leaves_frozen_parts_unchanged(align):
+    module, data = align
+    batch = next(iter(data.train_dataloader()))
+    batch.pop("skipped")
+    assert batch["clip_input_ids"].shape == (module.cfg.stage.batch_size, 77)
+    frozen = {n: p.clone() for n, p in module.named_parameters() if not n.startswith("aligner.")}
+    opt = module.configure_optimizers()["optimizer"]
+    module.train()
+    before = module.aligner.m_queries.detach().clone()
+    module.log_dict = lambda *a, **k: None  # no trainer attached
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert all(p.grad is None for n, p in module.named_parameters() if not n.startswith("aligner."))
+    for g in opt.param_groups:
+        g["lr"] = 1e-3
+    opt.step()
+    assert not torch.equal(before, module.aligner.m_queries)
+    assert all(torch.equal(p, frozen[n]) for n, p in module.named_parameters() if n in frozen)
+
+
+def test_reconstruction_is_scaled_by_77_over_length(align):
+    module, data = align
+    batch = next(iter(data.train_dataloader()))
+    module.cfg.stage.target_weight, module.cfg.stage.recon_weight = 0.0, 1.0
+    logged = {}
+    module.log_dict = lambda d, **k: logged.update({k_: float(v) for k_, v in d.items()})
+    loss = module.training_step(batch, 0)
+    lengths = batch["attention_mask"].sum(1).float()
+    assert torch.isclose(loss, torch.tensor(logged["align/recon_loss"]))
+    # every caption has its own length, so the scaled loss differs from the plain mean MSE
+    assert logged["align/recon_loss"] > logged["align/recon_mse"] * 77 / lengths.max().item() * 0.99
+
+
+def test_train_py_runs_align_end_to_end_and_resumes(tiny_overrides, tmp_path):
+    main(["stage=align", "init_from=none", *tiny_overrides])
+    stage = tmp_path / "runs" / "t" / "align"
+    export = stage / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["stage"] == "align" and manifest["step"] == 6
+    assert sorted(manifest["parts"]) == ["aligner", "mllm", "processor"]
+    assert (stage / "config.yaml").read_text().count("name: align") == 1
+    # every part loads back through its own from_pretrained
+    aligner = AlignerNet.from_pretrained(export / "aligner")
+    mllm = MultimodalLM.from_pretrained(export / "mllm")
+    processor = KosmosGProcessor.from_pretrained(export / "processor")
+    assert aligner.config.llm_dim == mllm.config.hidden_size
+    assert processor("a red circle").input_ids[0] == processor.tokenizer.bos_token_id
+    # checkpoints hold only what trains
+    ckpt = torch.load(stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and all(k.startswith("aligner.") for k in ckpt["state_dict"])
+    scalars = read_scalars(stage / "tensorboard")
+    for tag in ("train/loss", "align/target_mse", "align/recon_mse", "align/cosine", "train/grad_norm",
+                "throughput/samples_per_sec"):
+        assert tag in scalars, sorted(scalars)
+    assert any(t.startswith("lr-") for t in scalars)
+    # resume=auto continues from last.ckpt to the new max_steps
+    main(["stage=align", "init_from=none", *tiny_overrides, "trainer.max_steps=8"])
+    assert json.loads((export / "manifest.json").read_text())["step"] == 8

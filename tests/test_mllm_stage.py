@@ -1,0 +1,60 @@
+"""Stage 1 (mllm): which parameters train, loss only on text, and the mllm -> align handoff."""
+
+import json
+
+import pytest
+import torch
+
+from kosmos_g.config import load_config
+from kosmos_g.run import RunPaths, read_scalars
+from kosmos_g.stages.common import trainable_names
+from kosmos_g.stages.mllm import build
+from kosmos_g.tinyworld.data import write_world_shards
+from kosmos_g.train import main
+
+
+@pytest.fixture
+def stage(tiny_overrides):
+    cfg = load_config(["stage=mllm", *tiny_overrides])
+    write_world_shards(cfg.data.root, samples=100, size=cfg.data.vae_image_size)
+    return build(cfg, RunPaths.create(cfg.runs_dir, cfg.run_name, "mllm").assets, None)
+
+
+def test_trainable_parameters_are_the_papers(stage):
+    module, _ = stage
+    names = set(trainable_names(module))
+    depth = len(module.mllm.vision.vit.blocks)
+    lm = {f"mllm.lm.{n}" for n, _ in module.mllm.lm.named_parameters()}
+    resampler = {f"mllm.resampler.{n}" for n, _ in module.mllm.resampler.named_parameters()}
+    vit_last = {f"mllm.vision.vit.{n}" for n, _ in module.mllm.vision.vit.named_parameters()
+                if n.startswith((f"blocks.{depth - 1}.", "norm."))}
+    assert names == lm | resampler | vit_last
+    assert vit_last and not any(f"blocks.{depth - 2}." in n for n in names)
+
+
+def test_loss_is_on_text_tokens_only(stage):
+    module, data = stage
+    batch = next(iter(data.train_dataloader()))
+    labels = batch["labels"]
+    assert (labels[batch["image_mask"]] == -100).all()  # no loss on image placeholders
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+    assert (labels[:, 0] == -100).all()  # nor on <s>
+    assert set(batch["kinds"]) <= {"text", "caption", "interleaved"} and batch["pixel_values"].ndim == 4
+    logged = {}
+    module.log_dict = lambda d, **k: logged.update(d)
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and "train/ppl" in logged
+    assert any(k.startswith("mllm/loss_") for k in logged)
+
+
+def test_mllm_then_align_hands_off_automatically(tiny_overrides, tmp_path):
+    main(["stage=mllm", *tiny_overrides])
+    main(["stage=align", *tiny_overrides])  # init_from=auto picks up the mllm export
+    run = tmp_path / "runs" / "t"
+    assert json.loads((run / "mllm" / "export" / "manifest.json").read_text())["stage"] == "mllm"
+    align_export = run / "align" / "export"
+    # the align export carries the very MLLM stage 1 wrote (frozen in stage 2)
+    a = (run / "mllm" / "export" / "mllm" / "model.safetensors").read_bytes()
+    assert (align_export / "mllm" / "model.safetensors").read_bytes() == a
+    scalars = read_scalars(run / "mllm" / "tensorboard")
+    assert {"train/loss", "train/ppl", "throughput/tokens_per_sec"} <= set(scalars)
