@@ -259,6 +259,34 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation while training stage=instruct: DreamBench-protocol scores on a small subset, to TensorBoard."""
+
+    every_n_steps: int = 0
+    """Run the validation every N training steps (0 disables it)."""
+    dreambench_root: Optional[str] = None
+    """The DreamBench folder (30 subject folders + prompts_and_classes.txt), e.g. ../shared/dreambench."""
+    clip_path: Optional[str] = None
+    """Local CLIP folder (transformers CLIPModel + processor) for CLIP-I / CLIP-T."""
+    dino_path: Optional[str] = None
+    """Local DINO ViT-S/16 weights file for the DINO score."""
+    subjects: int = 2
+    """Subjects (in DreamBench order) used by the validation subset."""
+    prompts: int = 2
+    """Prompts per subject in the subset."""
+    steps: int = 10
+    """Sampler steps per image during validation."""
+    guidance: float = 6.0
+
+    def __post_init__(self):
+        _check(self.every_n_steps >= 0, "eval.every_n_steps must be >= 0 (0 disables validation)")
+        if self.every_n_steps:
+            missing = [k for k in ("dreambench_root", "clip_path", "dino_path") if not getattr(self, k)]
+            _check(not missing, f"eval.every_n_steps={self.every_n_steps} needs local paths for "
+                                f"{', '.join('eval.' + k for k in missing)} (nothing is downloaded)")
+
+
+@dataclass
 class TrainConfig:
     """One training run of one stage: `python train.py stage=<mllm|align|instruct> [overrides]`."""
 
@@ -266,6 +294,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     trainer: TrainerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_name: str = "tiny"
     """Experiment name; all stages of one experiment live in `<runs_dir>/<run_name>/`."""
     runs_dir: str = "runs"

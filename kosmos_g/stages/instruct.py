@@ -156,6 +156,13 @@ class ScoreDistillTuner(L.LightningModule):
         return KosmosGPipeline(mllm=self.mllm, processor=self.processor, aligner=self.aligner, unet=d.unet,
                                vae=d.vae, scheduler=d.noise_scheduler)
 
+    def configure_callbacks(self):
+        if not self.cfg.eval.every_n_steps:
+            return []
+        from kosmos_g.eval.callback import ValidationCallback  # only needed when validation is switched on
+
+        return [ValidationCallback(self.cfg.eval)]
+
     def configure_optimizers(self):
         return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
 
