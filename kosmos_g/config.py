@@ -280,6 +280,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.every_n_steps >= 0, "eval.every_n_steps must be >= 0 (0 disables validation)")
+        _check(self.subjects >= 1 and self.prompts >= 1 and self.steps >= 1,
+               "eval.subjects, eval.prompts and eval.steps must be >= 1")
         if self.every_n_steps:
             missing = [k for k in ("dreambench_root", "clip_path", "dino_path") if not getattr(self, k)]
             _check(not missing, f"eval.every_n_steps={self.every_n_steps} needs local paths for "

@@ -16,6 +16,7 @@ and the tiny world.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -95,19 +96,36 @@ def load_clip(path: Union[str, Path]) -> tuple[CLIPModel, CLIPProcessor]:
     return model.eval().requires_grad_(False), processor
 
 
-def load_dino(path: Union[str, Path], model_name: str = DINO_MODEL_NAME, **model_kwargs) -> nn.Module:
+def dino_kwargs_file(path: Union[str, Path]) -> Path:
+    """The JSON beside a DINO weight file that records its timm architecture: `dino.safetensors.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def load_dino(path: Union[str, Path], model_name: Optional[str] = None, **model_kwargs) -> nn.Module:
     """A timm ViT with DINO weights from a local file (`eval.dino_path`), head removed.
 
     timm loads the file itself (`pretrained_cfg_overlay=dict(file=...)`), so the original
     `dino_deitsmall16_pretrain.pth` and timm's own `model.safetensors` both work.
-    `model_kwargs` (img_size, depth, embed_dim, num_heads) must match the file; only tiny
-    stand-ins need them.
+    The architecture is `model_name` (default DINO ViT-S/16) with `model_kwargs` (img_size, depth,
+    embed_dim, num_heads), which must match the file. A `<file>.json` beside the weights (written by
+    `save_tiny_dino`) supplies both, so tiny stand-ins load with no arguments; arguments given here
+    override it.
     """
     file = Path(path).expanduser()
     if not file.is_file():
         raise _missing(path, "eval.dino_path",
-                       f"the DINO ViT-S/16 weights for timm's {model_name} (dino_deitsmall16_pretrain.pth "
-                       "or timm's model.safetensors)")
+                       f"the DINO ViT-S/16 weights for timm's {model_name or DINO_MODEL_NAME} "
+                       "(dino_deitsmall16_pretrain.pth or timm's model.safetensors)")
+    saved = {}
+    if dino_kwargs_file(file).is_file():
+        try:
+            saved = json.loads(dino_kwargs_file(file).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{dino_kwargs_file(file)} is not valid JSON ({err}); delete it (the default "
+                             "DINO ViT-S/16 architecture is then used) or rewrite it with save_tiny_dino") from None
+    model_name = model_name or saved.get("model_name") or DINO_MODEL_NAME
+    model_kwargs = {**saved.get("model_kwargs", {}), **model_kwargs}
     model = timm.create_model(model_name, pretrained=True, num_classes=0,
                               pretrained_cfg_overlay=dict(file=str(file)), **model_kwargs)
     return model.eval().requires_grad_(False)
@@ -137,14 +155,18 @@ def save_tiny_clip(folder: Union[str, Path], image_size: int = TINY_CLIP_IMAGE_S
 
 def save_tiny_dino(path: Union[str, Path], model_name: str = DINO_MODEL_NAME, seed: int = 0,
                    **model_kwargs) -> Path:
-    """Write a tiny random timm ViT state dict (load it with `load_dino(path, **TINY_DINO_KWARGS)`)."""
+    """Write a tiny random timm ViT state dict and, beside it, `<file>.json` with its architecture
+    (`{"model_name", "model_kwargs"}`), so `load_dino(path)` rebuilds it with no arguments."""
     from safetensors.torch import save_file
 
+    model_kwargs = model_kwargs or dict(TINY_DINO_KWARGS)
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, **(model_kwargs or TINY_DINO_KWARGS))
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    dino_kwargs_file(path).write_text(json.dumps({"model_name": model_name, "model_kwargs": model_kwargs},
+                                                 indent=1, sort_keys=True))
     return path
 
 
@@ -315,7 +337,7 @@ class DINOScore(_SubjectSimilarity):
     Preprocessing is DINO's evaluation transform (resize 256, centre crop 224, ImageNet mean/std).
     """
 
-    def __init__(self, dino: Union[str, Path, nn.Module], model_name: str = DINO_MODEL_NAME,
+    def __init__(self, dino: Union[str, Path, nn.Module], model_name: Optional[str] = None,
                  model_kwargs: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         model = dino if isinstance(dino, nn.Module) else load_dino(dino, model_name, **(model_kwargs or {}))
