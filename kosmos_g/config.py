@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, get_origin, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -218,6 +218,12 @@ class DataConfig:
     """subject kind: probability that the entity word before a subject image is dropped (the paper's 0.5)."""
     vae_image_size: int = 512
     """Target images: centre crop to this size, scaled to [-1, 1], for the VAE."""
+    clip_text_cache: Optional[str] = None
+    """stage=align: a `python -m kosmos_g.data.cache clip-text` folder for the caption shards; cached
+    targets replace the CLIP text encoder's forward (samples missing from it are encoded live)."""
+    vae_latent_caches: Dict[str, str] = field(default_factory=dict)
+    """stage=instruct: per kind, a `python -m kosmos_g.data.cache vae-latents` folder; cached VAE moments
+    replace the VAE encoder's forward for those targets."""
 
     def __post_init__(self):
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -232,30 +238,71 @@ class DataConfig:
                    f"data.mixture.{stage} weights must be >= 0 with a positive sum")
 
 
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+# The paper preset's repeated blocks: Llama decoder layers, timm ViT blocks, the aligner's torch layers.
+DEFAULT_WRAP_LAYERS = ["LlamaDecoderLayer", "Block", "TransformerEncoderLayer", "TransformerDecoderLayer"]
+
+
 @dataclass
 class TrainerConfig:
-    """Arguments for `lightning.Trainer` (only the ones this project sets)."""
+    """Arguments for `lightning.Trainer` and the distributed strategy (`kosmos_g/scale.py`, docs/scaling.md)."""
 
     name: str = MISSING
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    """auto (one device; several devices become ddp), ddp, or fsdp."""
     precision: str = "32-true"
+    """Lightning precision: 32-true, bf16-mixed (A100/H100), 16-mixed (V100: fp16 with a gradient scaler)."""
     max_steps: int = 200
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
+    """Write checkpoints/step-N.ckpt and last.ckpt every N steps; also the data stream's re-seed interval."""
     deterministic: bool = False
     activation_checkpointing: bool = False
-    """Recompute the MLLM's decoder layers (and ViT blocks) in backward: less memory, ~30% more compute."""
+    """Recompute the MLLM's decoder layers (and ViT blocks) in backward: less memory, ~30% more compute.
+    Under fsdp the strategy does it instead, on `checkpoint_layers`."""
     max_bad_steps: int = 10
     """A non-finite loss or gradient skips the step; this many in a row stops the run with an error."""
+    find_unused_parameters: bool = True
+    """ddp: needed by stage mllm, where a text-only batch gives the ViT/resampler no gradient on that rank."""
+    process_group_backend: Optional[str] = None
+    """nccl / gloo; None lets Lightning choose (nccl on GPUs, gloo on CPU)."""
+    fsdp_sharding: str = "FULL_SHARD"
+    """fsdp: FULL_SHARD (ZeRO-3), SHARD_GRAD_OP (ZeRO-2), HYBRID_SHARD (full shard in a node, replicas across), NO_SHARD."""
+    fsdp_wrap_layers: List[str] = field(default_factory=lambda: list(DEFAULT_WRAP_LAYERS))
+    """fsdp: class names of the layers that become their own FSDP unit (all-gathered one at a time)."""
+    checkpoint_layers: List[str] = field(default_factory=lambda: list(DEFAULT_WRAP_LAYERS))
+    """fsdp + activation_checkpointing: class names recomputed in backward (may add e.g. BasicTransformerBlock)."""
+    fsdp_ignored_modules: List[str] = field(default_factory=lambda: ["diffusion", "text_encoder"])
+    """fsdp: LightningModule attributes left out of FSDP (frozen, replicated on every GPU): the U-Net/VAE and
+    the CLIP text encoder, which never train, so sharding them would only add all-gathers."""
+    fsdp_cpu_offload: bool = False
+    """fsdp: keep sharded parameters (and their optimizer state) in CPU memory."""
+    preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """On any of these signals: finish the step, write checkpoints/last.ckpt, exit cleanly (no export)."""
+    exact_data_resume: bool = True
+    """Resuming between two checkpoint_every_n_steps boundaries (a preemption checkpoint) replays the data
+    stream from the boundary without training on it, so the batches are exactly an uninterrupted run's."""
 
     def __post_init__(self):
         _check(self.max_bad_steps > 0, "trainer.max_bad_steps must be > 0")
         _check(self.max_steps > 0, "trainer.max_steps must be > 0")
         _check(self.log_every_n_steps > 0, "trainer.log_every_n_steps must be > 0")
         _check(self.checkpoint_every_n_steps > 0, "trainer.checkpoint_every_n_steps must be > 0")
+        _check(self.strategy in STRATEGIES,
+               f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        _check(str(self.precision) in PRECISIONS,
+               f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.fsdp_sharding in FSDP_SHARDING,
+               f"trainer.fsdp_sharding must be one of {', '.join(FSDP_SHARDING)}, got {self.fsdp_sharding!r}")
+        _check(self.num_nodes > 0, "trainer.num_nodes must be > 0")
+        import signal
+        bad = [s for s in self.preempt_signals if not isinstance(getattr(signal, str(s), None), signal.Signals)]
+        _check(not bad, f"trainer.preempt_signals has unknown signals {bad}; use names such as SIGTERM, SIGUSR1")
 
 
 @dataclass
@@ -332,6 +379,13 @@ def schema_keys(node: Any = TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def _field_type(dotted: str) -> Any:
+    node = TrainConfig
+    for name in dotted.split("."):
+        node = get_type_hints(node)[name]
+    return node
+
+
 def check_override_keys(overrides: list[str]) -> None:
     """Fail early, with the allowed keys and a guess, on an override naming no schema key.
 
@@ -342,7 +396,8 @@ def check_override_keys(overrides: list[str]) -> None:
         if "=" not in ov or ov.startswith(("hydra", "+hydra", "~", "--")):
             continue
         key = ov.split("=", 1)[0].lstrip("+")
-        if "@" in key or key in allowed or key in ("stage", "model", "data", "trainer"):
+        free_form = [k for k in allowed if get_origin(_field_type(k)) is dict]  # e.g. data.shards.<kind>
+        if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
             continue
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         if parent not in allowed:  # the whole prefix is unknown: list the top-level keys

@@ -7,6 +7,7 @@
         config.yaml           the fully resolved config of the last launch
         checkpoints/          Lightning checkpoints (last.ckpt, step-*.ckpt), written atomically
         tensorboard/          event files
+        steps.jsonl           loss and learning rate of every step (appended across launches)
         export/               what the next stage loads; manifest.json says what it is
 
 Exports are self-contained: the align export holds the MLLM it was aligned to, so `stage=instruct`
@@ -165,3 +166,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(path.name + ".tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+def move_aside(checkpoints: Path) -> Path | None:
+    """`resume=none`: rename a non-empty checkpoints folder to checkpoints.<time> (never deleted); returns it."""
+    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return None
+    aside = checkpoints.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():  # two launches in one second must not collide
+        aside = checkpoints.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}.{n}")
+        n += 1
+    checkpoints.rename(aside)
+    return aside
+
+
+def read_checkpoint(ckpt: Path) -> dict:
+    """The parts of a Lightning checkpoint train.py checks before resuming: global_step, the writing stage,
+    and the shapes of its weights. Opened with `weights_only=True` (no arbitrary pickled objects can
+    run) and memory-mapped (the weights are not read). A file that fails here is never handed to Lightning."""
+    import torch
+
+    try:
+        ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        return {"global_step": int(ckpt_dict["global_step"]), "stage": (ckpt_dict.get("kosmos_g") or {}).get("stage"),
+                "shapes": {k: tuple(v.shape) for k, v in ckpt_dict.get("state_dict", {}).items()}}
+    except Exception as e:
+        raise ConfigError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {str(e)[:300]}); move or delete "
+                          "it, or pass resume=<another .ckpt> or resume=none (old checkpoints are kept aside)") from e
+
+
+def check_checkpoint_fits(ckpt: Path, info: dict, stage: str, module) -> None:
+    """A checkpoint of another stage or of other model sizes is an error naming both, not a silent partial load."""
+    if info["stage"] is not None and info["stage"] != stage:
+        raise ConfigError(f"checkpoint {ckpt} was written by stage={info['stage']}, not stage={stage}; pass "
+                          "resume=none to start this stage over, or resume=<a checkpoint of this stage>")
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for key, shape in info["shapes"].items():
+        if key in own and own[key] != shape:
+            raise ConfigError(f"checkpoint {ckpt} does not fit the model: {key} has shape {list(shape)} there and "
+                              f"{list(own[key])} here (model sizes changed since it was written?). Use the config "
+                              "it was trained with, or resume=none to start over (old checkpoints are kept aside).")

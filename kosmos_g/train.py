@@ -11,9 +11,7 @@ checkpoint (`resume=auto`) and ends by writing `runs/<run_name>/<stage>/export/`
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -21,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from kosmos_g.config import CONFIG_DIR, ConfigError, TrainConfig, load_config, register_configs, to_train_config
 
-# Nothing is ever downloaded at run time: weights come from local paths only.
+# Nothing is ever downloaded at run time: weights come from local paths only (export HF_HUB_OFFLINE=0
+# to allow the Hub on purpose). tests/test_bad_input.py fails if a training run opens any connection.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def _build_stage(cfg: TrainConfig, paths, init_export: Path | None):
@@ -38,15 +38,11 @@ def _build_stage(cfg: TrainConfig, paths, init_export: Path | None):
 
 
 def resolve_resume(resume: str, paths) -> Path | None:
-    """The checkpoint to continue from; `resume=none` moves old checkpoints aside (never deletes them)."""
+    """The checkpoint to continue from (no side effects: `resume=none` moves old ones aside later, in `run`)."""
     last = paths.checkpoints / "last.ckpt"
     if resume == "auto":
         return last if last.is_file() else None
     if resume == "none":
-        if paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
-            aside = paths.checkpoints.with_name(f"checkpoints.{time.strftime('%Y%m%d-%H%M%S')}")
-            paths.checkpoints.rename(aside)
-            print(f"[train] resume=none: moved the old checkpoints to {aside}")
         return None
     ckpt = Path(resume)
     if not ckpt.is_file():
@@ -54,65 +50,102 @@ def resolve_resume(resume: str, paths) -> Path | None:
     return ckpt
 
 
-def _checkpoint_step(ckpt: Path) -> int:
-    import torch
+def _prepare_shared_files(cfg: TrainConfig, paths, init_export: Path | None) -> None:
+    """Files that several processes of one launch would otherwise write at once: the tiny world and the
+    tiny stand-in assets. The first process writes them under a lock; the others find them done."""
+    from kosmos_g.assets import SD_PARTS, SD_TEXT_PARTS, corpus, diffusion_folder, mllm_tokenizer
+    from kosmos_g.scale import file_lock
 
-    try:  # mmap: only the few bytes of the step are read, not the weights
-        return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception as e:
-        raise ConfigError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); delete or move it, or "
-                          "pass resume=<another .ckpt> / resume=none (old checkpoints are kept aside)") from e
+    tokenizer = init_export is None and not cfg.model.llm.tokenizer_path
+    sd_parts = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_PARTS}[cfg.stage.name]
+    sd_parts = sd_parts if not cfg.model.diffusion_path else ()
+    if not (cfg.data.generate_tiny_world or tokenizer or sd_parts):
+        return  # the paper preset: only local paths, nothing to write (and no lock on a shared file system)
+    with file_lock(paths.root / ".prepare.lock"):
+        if cfg.data.generate_tiny_world:  # opt-in (data=tiny): the only place the core touches the tiny world
+            from kosmos_g.tinyworld.data import write_world_shards
+            write_world_shards(cfg.data.root, seed=cfg.seed, samples=cfg.data.tiny_world_samples,
+                               size=cfg.data.vae_image_size)
+        texts = lambda: corpus(cfg.data)  # noqa: E731
+        if tokenizer:
+            mllm_tokenizer(cfg.model, paths.assets, texts)
+        if sd_parts:
+            diffusion_folder(cfg.model, paths.assets, texts, parts=sd_parts, image_size=cfg.data.vae_image_size)
 
 
-def run(cfg: TrainConfig) -> Path:
-    """Train `cfg.stage` and write its export; returns the export folder."""
+def run(cfg: TrainConfig) -> Path | None:
+    """Train `cfg.stage` and write its export; returns the export folder, or None when preempted.
+
+    Everything that can be checked is checked before the run folder is touched (config, strategy, stage
+    order, checkpoint, model, data), so a launch that fails leaves checkpoints and exports as they were.
+    """
     # Imported here so `--help`, `--cfg job` and config errors answer in a second.
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from kosmos_g.run import AtomicCheckpointIO, RunPaths, config_hash, resolve_init, write_export
-    from kosmos_g.stages.common import TrainingHealth
+    from kosmos_g.run import (AtomicCheckpointIO, RunPaths, check_checkpoint_fits, config_hash, move_aside,
+                              read_checkpoint, resolve_init, write_export)
+    from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, launch_rank, prepare_module
+    from kosmos_g.stages.common import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
 
-    stage = cfg.stage.name
+    stage, t = cfg.stage.name, cfg.trainer
+    strategy = build_strategy(t)
     paths = RunPaths.create(cfg.runs_dir, cfg.run_name, stage)
     init_export = resolve_init(cfg.init_from, stage, paths, cfg.run_name)
     ckpt = resolve_resume(cfg.resume, paths)
-    start_step = _checkpoint_step(ckpt) if ckpt else 0
-    if cfg.data.generate_tiny_world:  # opt-in (data=tiny): the only place the core touches the tiny world
-        from kosmos_g.tinyworld.data import write_world_shards
-        write_world_shards(cfg.data.root, seed=cfg.seed, samples=cfg.data.tiny_world_samples,
-                           size=cfg.data.vae_image_size)
+    ckpt_info = read_checkpoint(ckpt) if ckpt else None  # weights_only=True: a bad or unsafe file stops here
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # tiny assets are random: make them reproducible
+    _prepare_shared_files(cfg, paths, init_export)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = _build_stage(cfg, paths, init_export)
-    datamodule.start_step = start_step
+    if ckpt:
+        check_checkpoint_fits(ckpt, ckpt_info, stage, module)
+    datamodule.check_sources()  # an empty or unreadable dataset is refused before anything is written
+    datamodule.start_step = ckpt_info["global_step"] if ckpt else 0
+    datamodule.segment_steps, datamodule.fast_forward = t.checkpoint_every_n_steps, t.exact_data_resume
+    prepare_module(module, t)
 
-    paths.stage_dir.mkdir(parents=True, exist_ok=True)
+    # From here on the run folder changes (first process only; the others wait in Trainer.fit).
     resolved = OmegaConf.structured(cfg)
-    (paths.stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    t = cfg.trainer
+    if launch_rank() == 0:
+        if cfg.resume == "none" and (aside := move_aside(paths.checkpoints)):
+            print(f"[train] resume=none: moved the old checkpoints to {aside}")
+        paths.stage_dir.mkdir(parents=True, exist_ok=True)
+        (paths.stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    preemption = Preemption(t.preempt_signals, paths.checkpoints / "last.ckpt")
+    clip_val, clip_callbacks = gradient_clipping(strategy, cfg.stage.optim.grad_clip)
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, gradient_clip_val=cfg.stage.optim.grad_clip or None,
+        deterministic=t.deterministic, gradient_clip_val=clip_val,
         logger=TensorBoardLogger(str(paths.stage_dir), name="tensorboard", version="", default_hp_metric=False),
         callbacks=[
+            StepSeed(cfg.seed),
             ModelCheckpoint(dirpath=paths.checkpoints, filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
                             save_top_k=-1, save_last=True, auto_insert_metric_name=False),
             LearningRateMonitor(logging_interval="step"),
             TrainingHealth(),
+            NumericalGuard(t.max_bad_steps, paths.checkpoints),
+            *clip_callbacks,  # FSDP: after the guard and the grad-norm logging
+            StepLog(paths.stage_dir / "steps.jsonl"),
+            preemption,
         ],
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=str(paths.stage_dir),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    if preemption.stopped_at is not None:
+        return None  # the checkpoint is written; no export for an unfinished stage
     trainer.save_checkpoint(paths.checkpoints / "last.ckpt", weights_only=False)  # the end state, always
 
     export = paths.export
+    with full_weights(trainer):  # FSDP: rank 0 sees whole weights while it writes the export
+        if trainer.is_global_zero:
+            write_export(export, stage, trainer.global_step, config_hash(OmegaConf.to_container(resolved)),
+                         module.export_parts())
     if trainer.is_global_zero:
-        write_export(export, stage, trainer.global_step, config_hash(OmegaConf.to_container(resolved)),
-                     module.export_parts())
         print(f"[train] stage={stage} done at step {trainer.global_step}\n"
               f"  export:      {export}\n  checkpoints: {paths.checkpoints}\n"
               f"  tensorboard: tensorboard --logdir {paths.root}")
@@ -130,9 +163,19 @@ def main(argv: list[str] | None = None) -> None:
         return _hydra_main(argv)  # --help, --cfg job, --multirun ...: Hydra's own command line
     try:
         cfg = load_config(argv)
-        run(cfg)
+        _run_or_exit(cfg)
     except ConfigError as e:
         _fail(e)
+
+
+def _run_or_exit(cfg: TrainConfig) -> None:
+    from kosmos_g.stages.common import TrainingDiverged
+
+    try:
+        run(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def _hydra_main(argv: list[str]) -> None:
@@ -141,7 +184,7 @@ def _hydra_main(argv: list[str]) -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def task(cfg: DictConfig) -> None:
         try:
-            run(to_train_config(cfg))
+            _run_or_exit(to_train_config(cfg))
         except ConfigError as e:
             _fail(e)
 

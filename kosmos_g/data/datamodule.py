@@ -13,14 +13,22 @@ them. Each sample is counted by the one reader that owns it, so the counts summe
 of all readers are exact. Only a source with nothing usable in a whole pass is an error (raised
 after that pass, instead of spinning forever).
 
-Resume: `start_step` (set by the trainer on resume) re-seeds the stream. Given the same seed,
-`start_step`, shard lists and reader count, the batches are identical from run to run; that is
-exact for the seeded tiny data (the tiny world regenerates the same shards from its seed). What is
-*not* restored is the position inside the pass that was running when the job stopped: the resumed
-run starts a fresh, differently shuffled pass, so until that pass ends a few samples may be seen
-twice and others not yet. For the large, effectively infinite streams of the paper preset (far
-fewer steps than samples) that is statistically the same as continuing, and it is what one can do
-without checkpointing every reader's shard offsets and shuffle buffer; hence "approximate".
+Resume. The stream is a function of the step: it is cut into segments of `segment_steps` steps
+(train.py sets `trainer.checkpoint_every_n_steps`, so segments start where periodic checkpoints are
+written), and segment k is seeded by (seed, k * segment_steps) alone. A run resumed from a periodic
+checkpoint therefore reads exactly the batches the uninterrupted run read from that step on. A
+checkpoint between boundaries (preemption) is exact too when `fast_forward` is on (train.py:
+`trainer.exact_data_resume`, default): the stream replays its segment from the boundary and drops the
+batches before the resumed step (featurized, not collated or trained on: at most one segment of data
+loading). With it off, the partial segment is seeded by the resumed step instead: a fresh stream, so
+until the next boundary some samples come twice and others not yet ("approximate"). Exactness needs the
+same seed, shards, batch size, world size and `data.num_workers`: DataLoader workers hand out batches in
+turn, so worker w of a run starting at step S makes the batches of steps S + w, S + w + W, ... (its
+"lane", (S + w) mod W, not its worker id, picks its share of the shards).
+Each segment starts a fresh, reshuffled pass over every kind, so over a long run every shard is read
+about equally often rather than exactly once per pass; with many shards per reader that is the same
+statistics, and it is what makes the stream stateless. `segment_steps=None` (the default outside
+train.py, and with `epochs`) is one segment from `start_step`.
 """
 
 from __future__ import annotations
@@ -80,7 +88,8 @@ class MixtureStream(IterableDataset):
     def __init__(self, sources: dict[str, list[str]], weights: dict[str, float], featurize: Callable,
                  collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, start_step: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, epochs: Optional[int] = None,
-                 max_chars: Optional[int] = MAX_CHARS):
+                 max_chars: Optional[int] = MAX_CHARS, segment_steps: Optional[int] = None,
+                 fast_forward: bool = True):
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         if not 0 <= rank < world_size:
@@ -90,19 +99,24 @@ class MixtureStream(IterableDataset):
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.start_step, self.epochs, self.max_chars = seed, start_step, epochs, max_chars
         self.rank, self.world_size = rank, world_size
+        self.segment_steps, self.fast_forward = segment_steps, fast_forward
 
     def reader(self) -> tuple[int, int]:
-        """(this reader's index, number of readers) over all ranks x DataLoader workers."""
+        """(this reader's index, number of readers) over all ranks x DataLoader workers (lanes, see above)."""
+        lane, workers = self._lane()
+        return self.rank * workers + lane, self.world_size * workers
+
+    def _lane(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return (self.start_step + worker) % workers, workers
 
-    def _raw(self, kind: str, urls: list[str], epoch: int, index: int, count: int, skipped: Counter):
+    def _raw(self, kind: str, urls: list[str], epoch: int, index: int, count: int, skipped: Counter, seed_step: int):
         """This reader's raw samples of one pass over `urls`."""
         # The shard order is the same on every reader (seeded without the reader index), so the
-        # split below is a partition; it changes every pass and with `start_step`.
+        # split below is a partition; it changes every pass and every segment.
         order = list(urls)
-        random.Random(f"{self.seed}-{self.start_step}-{kind}-{epoch}").shuffle(order)
+        random.Random(f"{self.seed}-{seed_step}-{kind}-{epoch}").shuffle(order)
         if len(order) >= count:  # enough shards: each reader reads whole shards of its own
             return tar_samples([{"url": u} for u in order[index::count]], skipped)
         # Fewer shards than readers: all read everything and keep every count-th sample. A tar-level
@@ -110,12 +124,13 @@ class MixtureStream(IterableDataset):
         tar_counts = skipped if index == 0 else Counter()
         return itertools.islice(tar_samples([{"url": u} for u in order], tar_counts), index, None, count)
 
-    def _features(self, kind: str, urls: list[str], index: int, count: int, skipped: Counter) -> Iterator:
+    def _features(self, kind: str, urls: list[str], index: int, count: int, skipped: Counter,
+                  seed_step: int) -> Iterator:
         """Endless (or `epochs` passes of) featurized samples of one kind for this reader."""
-        rng = random.Random(f"{self.seed}-{self.start_step}-{kind}-{index}-{count}")
+        rng = random.Random(f"{self.seed}-{seed_step}-{kind}-{index}-{count}")
         passes = itertools.count() if self.epochs is None else range(self.epochs)
         for epoch in passes:
-            raws = iter(self._raw(kind, urls, epoch, index, count, skipped))
+            raws = iter(self._raw(kind, urls, epoch, index, count, skipped, seed_step))
             if self.shuffle_buffer > 1:
                 raws = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(raws)
             n_raw = n_used = 0
@@ -140,11 +155,12 @@ class MixtureStream(IterableDataset):
                     f"no usable {kind!r} sample in a whole pass over {share} ({urls[0]} ...): {why}. "
                     f"Fix or rewrite these shards (docs/data-format.md), or set this kind's mixture weight to 0.")
 
-    def __iter__(self) -> Iterator[dict]:
+    def _samples(self, seed_step: int, skipped: Counter) -> Iterator[list]:
+        """Lists of `batch_size` featurized samples (the last may be short with `epochs`), seeded by `seed_step`."""
         index, count = self.reader()
-        rng = random.Random(f"{self.seed}-{self.start_step}-mixture-{index}-{count}")
-        skipped, reported = Counter(), Counter()
-        streams = {kind: self._features(kind, urls, index, count, skipped) for kind, urls in self.sources.items()}
+        rng = random.Random(f"{self.seed}-{seed_step}-mixture-{index}-{count}")
+        streams = {kind: self._features(kind, urls, index, count, skipped, seed_step)
+                   for kind, urls in self.sources.items()}
         batch = []
         while streams:
             kinds = list(streams)
@@ -155,10 +171,34 @@ class MixtureStream(IterableDataset):
                 del streams[kind]
                 continue
             if len(batch) == self.batch_size:
-                yield self._emit(batch, skipped, reported)
+                yield batch
                 batch = []
         if batch:
-            yield self._emit(batch, skipped, reported)
+            yield batch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.epochs is not None or not self.segment_steps:  # one segment from start_step
+            skipped, reported = Counter(), Counter()
+            for batch in self._samples(self.start_step, skipped):
+                yield self._emit(batch, skipped, reported)
+            return
+        lane, workers = self._lane()
+        size = self.segment_steps
+        step = self.start_step + (lane - self.start_step) % workers  # the step of this reader's first batch
+        while True:
+            boundary = step // size * size
+            end = boundary + size
+            first = boundary + (lane - boundary) % workers  # this lane's first step in the segment
+            replay = self.fast_forward or step == first  # else: resumed mid-segment, approximate
+            skipped, reported = Counter(), Counter()
+            batches = self._samples(boundary if replay else step, skipped)
+            if replay and step > first:  # drop this lane's batches of the segment that come before `step`
+                for _ in range((step - first) // workers):
+                    next(batches)
+                reported.update(skipped)  # their skipped samples were counted by the run that trained on them
+            while step < end:
+                yield self._emit(next(batches), skipped, reported)
+                step += workers
 
     def _emit(self, batch: list, skipped: Counter, reported: Counter) -> dict:
         out = self.collate(batch)
@@ -181,6 +221,8 @@ class KosmosGDataModule(L.LightningDataModule):
         self.cfg, self.stage, self.batch_size, self.seed = cfg, stage, batch_size, seed
         self.featurize, self.collate = featurize, collate
         self.start_step = 0  # set by the trainer script on resume
+        self.segment_steps: Optional[int] = None  # train.py: trainer.checkpoint_every_n_steps
+        self.fast_forward = True  # train.py: trainer.exact_data_resume
         self.epochs: Optional[int] = None
 
     def sources(self) -> dict[str, list[str]]:
@@ -206,12 +248,40 @@ class KosmosGDataModule(L.LightningDataModule):
     def stream(self) -> MixtureStream:
         return MixtureStream(self.sources(), dict(self.cfg.mixture[self.stage]), self.featurize, self.collate,
                              self.batch_size, self.cfg.shuffle_buffer, self.seed, self.start_step,
-                             epochs=self.epochs)
+                             epochs=self.epochs, segment_steps=self.segment_steps, fast_forward=self.fast_forward)
+
+    def check_sources(self) -> None:
+        """Fail now, with a ConfigError, if a kind of this stage's mixture has no usable sample.
+
+        Reads each kind until its first usable sample (one shard, no shuffle buffer), so train.py can refuse
+        an empty or unreadable dataset before it touches the run folder, instead of mid-fit.
+        """
+        sources = self.sources()
+        probe = MixtureStream(sources, dict(self.cfg.mixture[self.stage]), self.featurize, self.collate,
+                              self.batch_size, 0, self.seed, rank=0, world_size=1)
+        for kind, urls in sources.items():
+            skipped = Counter()
+            try:
+                next(iter(probe._features(kind, urls, 0, 1, skipped, 0)))
+            except EmptySourceError as e:
+                raise ConfigError(f"stage={self.stage}: {e}") from None
 
     def train_dataloader(self) -> DataLoader:
         stream = self.stream()
         log.info("data: stage=%s rank %d/%d, %d worker(s), kinds %s, start_step=%d", self.stage, stream.rank,
                  stream.world_size, self.cfg.num_workers, {k: len(v) for k, v in stream.sources.items()},
                  self.start_step)
-        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, worker_init_fn=_worker_init,
                           persistent_workers=self.cfg.num_workers > 0 and self.epochs is None)
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals (SIGTERM / SIGUSR1 reach the whole process group):
+    the main process writes the checkpoint and shuts them down; a worker killed first would crash the run."""
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)

@@ -68,12 +68,13 @@ class AlignerNet(ModelMixin, ConfigMixin):
         queries = self.m_queries.unsqueeze(0).expand(states.shape[0], -1, -1)
         return self.m_decoder(queries, x, memory_key_padding_mask=padding_mask)
 
-    def reconstruct(self, condition: torch.Tensor, length: int) -> torch.Tensor:
-        """N: M's output [B, 77, d] -> reconstructed MLLM states [B, length, d_llm]."""
+    def reconstruct(self, condition: torch.Tensor, length: int, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """N: M's output [B, 77, d] -> reconstructed MLLM states [B, length, d_llm] (padding_mask True at pads,
+        so a caption's reconstruction never depends on how much its batch was padded)."""
         queries = self.n_queries[:length].unsqueeze(0).expand(condition.shape[0], -1, -1)
         x = self.n_decoder(queries, condition)
         x = x + self.out_pos(torch.arange(length, device=x.device))
-        return self.out_proj(self.n_encoder(x))
+        return self.out_proj(self.n_encoder(x, src_key_padding_mask=padding_mask))
 
     @classmethod
     def from_config_sizes(cls, cfg, llm_dim: int, clip_dim: int) -> "AlignerNet":

@@ -48,4 +48,10 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> CLIPTo
     tok.train_from_iterator(texts, trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    # The trainer numbers equally frequent single characters in a per-process order; renumber so the same
+    # texts always give the same ids: specials, then the other base tokens sorted, then merges in rank order.
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    merged = ["".join(m) for m in merges]
+    base = sorted(set(model["vocab"]) - set(specials) - set(merged))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + base + merged))}
+    return CLIPTokenizer(vocab=vocab, merges=merges)

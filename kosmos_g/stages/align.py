@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from kosmos_g.assets import SD_TEXT_PARTS, corpus, diffusion_folder, load_text_encoder
-from kosmos_g.config import TrainConfig
+from kosmos_g.config import ConfigError, TrainConfig
+from kosmos_g.data.cache import FeatureCache, open_cache
 from kosmos_g.data.datamodule import KosmosGDataModule
 from kosmos_g.data.format import Sample
 from kosmos_g.data.shards import BadSample
@@ -29,9 +30,11 @@ from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, save_part
 class AlignFeatures:
     """Sample -> the caption as MLLM tokens (`<s> c </s>`) and as CLIP token ids padded to 77."""
 
-    def __init__(self, processor: KosmosGProcessor, clip_tokenizer, clip_max_tokens: int, max_text_tokens: int):
+    def __init__(self, processor: KosmosGProcessor, clip_tokenizer, clip_max_tokens: int, max_text_tokens: int,
+                 cache: FeatureCache | None = None):
         self.processor, self.clip_tokenizer = processor, clip_tokenizer
         self.clip_max_tokens, self.max_text_tokens = clip_max_tokens, max_text_tokens
+        self.cache = cache  # precomputed CLIP-text targets by sample key (data.clip_text_cache)
 
     def __call__(self, sample: Sample, rng: random.Random) -> dict:
         text = sample.text.strip()
@@ -46,11 +49,14 @@ class AlignFeatures:
             raise BadSample("too_long", f"{len(encoded.input_ids)} MLLM tokens")
         pad = self.clip_tokenizer.pad_token_id
         return {"encoded": encoded,
-                "clip_input_ids": torch.tensor(clip_ids + [pad] * (self.clip_max_tokens - len(clip_ids)))}
+                "clip_input_ids": torch.tensor(clip_ids + [pad] * (self.clip_max_tokens - len(clip_ids))),
+                "clip_target": self.cache.get(sample.key) if self.cache is not None else None}
 
     def collate(self, features: list[dict]) -> dict:
         batch = self.processor.collate([f["encoded"] for f in features])
         batch["clip_input_ids"] = torch.stack([f["clip_input_ids"] for f in features])
+        if all(f["clip_target"] is not None for f in features):  # a fully cached batch skips the encoder
+            batch["clip_target"] = torch.stack([f["clip_target"] for f in features])
         return batch
 
 
@@ -74,12 +80,16 @@ class AlignerModule(L.LightningModule):
         attention_mask = batch["attention_mask"]
         with torch.no_grad():
             s = self.mllm.encode(batch["input_ids"], attention_mask)                    # [B, L, d_llm]
-            target = self.text_encoder(batch["clip_input_ids"]).last_hidden_state.float()  # [B, 77, d_clip]
+            if "clip_target" in batch:
+                target = batch["clip_target"].float()
+            else:
+                target = self.text_encoder(batch["clip_input_ids"]).last_hidden_state.float()  # [B, 77, d_clip]
 
-        condition = self.aligner.encode(s, padding_mask=attention_mask == 0)             # M(s): [B, 77, d_clip]
+        padding = attention_mask == 0
+        condition = self.aligner.encode(s, padding_mask=padding)                         # M(s): [B, 77, d_clip]
         target_mse = F.mse_loss(condition, target)
 
-        recon = self.aligner.reconstruct(condition, s.shape[1])                          # N(M(s)): [B, L, d_llm]
+        recon = self.aligner.reconstruct(condition, s.shape[1], padding)                 # N(M(s)): [B, L, d_llm]
         mask = attention_mask.float()
         lengths = mask.sum(1)
         recon_mse = (((recon - s) ** 2).mean(-1) * mask).sum(1) / lengths                # per sample, real tokens
@@ -111,7 +121,16 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
     text_encoder, clip_tokenizer = load_text_encoder(sd, cfg.model.diffusion_dtype)
     aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=mllm.config.hidden_size,
                                            clip_dim=text_encoder.config.hidden_size)
-    features = AlignFeatures(processor, clip_tokenizer, cfg.model.clip_max_tokens, cfg.data.max_text_tokens)
+    cache = open_cache(cfg.data.clip_text_cache)
+    if cfg.data.clip_text_cache and cache is None:
+        raise ConfigError(f"data.clip_text_cache={cfg.data.clip_text_cache} is not a finished cache folder; build it "
+                          "with `python -m kosmos_g.data.cache clip-text ...` or set data.clip_text_cache=null")
+    try:
+        if cache is not None:
+            cache.check(type="clip-text", hidden_size=text_encoder.config.hidden_size)
+    except ValueError as e:
+        raise ConfigError(f"data.clip_text_cache: {e}") from e
+    features = AlignFeatures(processor, clip_tokenizer, cfg.model.clip_max_tokens, cfg.data.max_text_tokens, cache)
     module = AlignerModule(mllm, text_encoder, aligner, cfg, export_sources)
     data = KosmosGDataModule(cfg.data, "align", cfg.stage.batch_size, features, features.collate, cfg.seed)
     return module, data

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from transformers import get_polynomial_decay_schedule_with_warmup
 
@@ -18,6 +22,7 @@ from kosmos_g.config import ConfigError, OptimConfig, TrainConfig
 from kosmos_g.models.mllm import MultimodalLM, build_mllm
 from kosmos_g.processor import KosmosGProcessor
 from kosmos_g.run import copy_part
+from kosmos_g.scale import is_sharded
 
 _NO_DECAY = ("bias", "norm", "embed", "pos", "queries", "latents")
 
@@ -28,8 +33,20 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+# Wrappers FSDP and activation checkpointing insert into parameter names (state dicts do not have them).
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the module's state_dict spells it, whatever FSDP / checkpoint wrappers sit around it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def trainable_names(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.requires_grad]
+    """Names of the parameters that train (as in the state dict, also when the module is FSDP-wrapped)."""
+    return [clean_name(n) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def configure_adamw(module: nn.Module, cfg: OptimConfig, max_steps: int) -> dict:
@@ -77,7 +94,7 @@ def load_mllm(cfg: TrainConfig, assets: Path, init_export: Path | None, texts: C
 def trainable_state_dict(module: nn.Module, state_dict: dict) -> dict:
     """Keep only trainable weights in checkpoints: frozen parts are reloaded from their exports."""
     keep = set(trainable_names(module))
-    return {k: v for k, v in state_dict.items() if k in keep}
+    return {k: v for k, v in state_dict.items() if clean_name(k) in keep}
 
 
 class TrainingHealth(L.Callback):
@@ -105,9 +122,12 @@ class TrainingHealth(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step % trainer.log_every_n_steps == 0:
-            norms = grad_norm(pl_module, norm_type=2)
-            if "grad_2.0_norm_total" in norms:
-                pl_module.log("train/grad_norm", norms["grad_2.0_norm_total"])
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None and p.grad.numel()]
+            if grads:
+                squares = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+                if is_sharded(trainer):  # FSDP: each rank holds a shard of the gradient
+                    torch.distributed.all_reduce(squares)
+                pl_module.log("train/grad_norm", squares.sqrt())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -122,3 +142,181 @@ class TrainingHealth(L.Callback):
 
     def load_state_dict(self, state_dict):
         self.skipped = Counter(state_dict.get("skipped", {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability: step-wise seeding, the numerical guard, preemption, a per-step loss log
+
+
+def _all_reduce(values: list[float], trainer, op: str = "sum") -> list[float]:
+    """`values` reduced over all ranks (as is with one process). One small collective."""
+    if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}-{rank}-{step}".encode()).digest()[:8], "little") >> 1
+
+
+class StepSeed(L.Callback):
+    """Re-seed torch / random / numpy before every step from (seed, global rank, step).
+
+    The randomness of a step (noise and timesteps in stage instruct, classifier-free-guidance drops,
+    dropout) is then a function of the step alone: a resumed run draws what the uninterrupted one drew,
+    without saving RNG states, and every rank draws different noise (one seed on all ranks would give
+    all GPUs the same timesteps). Data order has its own seeds (kosmos_g.data.datamodule).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        s = step_seed(self.seed, trainer.global_rank, trainer.global_step)
+        torch.manual_seed(s)  # all devices
+        random.seed(s)
+        np.random.seed(s % 2**32)
+
+
+class TrainingDiverged(RuntimeError):
+    """`trainer.max_bad_steps` steps in a row had a non-finite loss or gradient."""
+
+
+class NumericalGuard(L.Callback):
+    """A non-finite loss or gradient skips the update (gradients dropped), is counted and logged;
+    `max_bad_steps` in a row stop the run with `TrainingDiverged`.
+
+    All ranks take the same decision (one all-reduce), so replicas never drift apart. With fp16's
+    gradient scaler, inf/nan gradients at a finite loss are the scaler's business (it skips the step and
+    lowers the scale), so only a non-finite loss counts there. The learning-rate schedule still advances.
+    """
+
+    def __init__(self, max_bad_steps: int, checkpoint_dir: Path | None = None):
+        self.max_bad_steps, self.checkpoint_dir = max_bad_steps, checkpoint_dir
+        self.bad_in_row = self.bad_total = 0
+        self._loss: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        device = trainer.strategy.root_device
+        loss_bad = ~torch.isfinite(self._loss).all() if self._loss is not None else torch.tensor(False)
+        grads_bad = torch.tensor(False, device=device)
+        if params and getattr(trainer.precision_plugin, "scaler", None) is None:
+            norms = torch.stack([n.float() for n in torch._foreach_norm([p.grad for p in params])])
+            grads_bad = ~torch.isfinite(norms).all()
+        # [loss bad, any bad] as one tensor, one sync, one collective
+        flags = torch.stack([loss_bad.to(device), loss_bad.to(device) | grads_bad]).float()
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss_was_bad, bad = (bool(x) for x in flags.tolist())
+        loss_value = float(self._loss.float()) if self._loss is not None else float("nan")
+        self._loss = None
+        if not bad:
+            self.bad_in_row = 0
+            pl_module.log("train/bad_steps_total", float(self.bad_total))
+            return
+        for p in params:  # no gradient: AdamW leaves these parameters and their moments untouched
+            p.grad = None
+        self.bad_in_row += 1
+        self.bad_total += 1
+        pl_module.log("train/bad_steps_total", float(self.bad_total))
+        if trainer.is_global_zero:
+            what = "loss" if loss_was_bad else "gradient"
+            print(f"[guard] step {trainer.global_step + 1}: non-finite {what} (loss={loss_value}); update skipped "
+                  f"({self.bad_in_row} in a row, {self.bad_total} in all; the run stops at {self.max_bad_steps} in a row)",
+                  flush=True)
+        if self.bad_in_row >= self.max_bad_steps:
+            where = f" The last checkpoint is in {self.checkpoint_dir}." if self.checkpoint_dir else ""
+            raise TrainingDiverged(
+                f"stopped at step {trainer.global_step + 1}: {self.bad_in_row} steps in a row had a non-finite loss or "
+                f"gradient (trainer.max_bad_steps={self.max_bad_steps}); the weights are those of the last good step."
+                f"{where} Usual fixes: a lower stage.optim.lr or longer warmup_steps, stage.optim.grad_clip > 0, "
+                "precision=bf16-mixed instead of 16-mixed, or look for broken samples in the data.")
+
+    def state_dict(self):
+        return {"bad_total": self.bad_total, "bad_in_row": self.bad_in_row}
+
+    def load_state_dict(self, state_dict):
+        self.bad_total = int(state_dict.get("bad_total", 0))
+        self.bad_in_row = int(state_dict.get("bad_in_row", 0))
+
+
+class Preemption(L.Callback):
+    """On one of `signals` (SLURM's SIGUSR1 warning, SIGTERM from a scheduler or torchrun), finish the
+    running step, write `checkpoint` (atomically) and stop; `stopped_at` then holds the step.
+
+    The signal handler only sets a flag: the checkpoint is written between steps, on all ranks at the
+    same step (the flag is all-reduced), since saving is a collective under DDP/FSDP.
+    """
+
+    def __init__(self, signals: list[str], checkpoint: Path):
+        self.signals = [getattr(signal, s) for s in signals]
+        self.checkpoint = Path(checkpoint)
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module):
+        # After Lightning's own signal set-up, which these replace for the duration of training.
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if _all_reduce([float(self.received is not None)], trainer, "max")[0] == 0:
+            return
+        trainer.save_checkpoint(self.checkpoint)
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+            print(f"[train] {name}: checkpoint at step {trainer.global_step} written to {self.checkpoint}; stopping. "
+                  "Run the same command again to continue (resume=auto).", flush=True)
+
+    def teardown(self, trainer, pl_module, stage):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+class StepLog(L.Callback):
+    """One JSON line per step in `path` (rank 0): step, loss averaged over ranks, learning rate.
+
+    Appended across launches, so a resumed stage continues the same file (a step written twice was
+    recomputed after a crash; the last line of a step wins). Cheap to read in tests and scripts.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        value = float(loss.detach().float()) if torch.is_tensor(loss) else float("nan")
+        value = _all_reduce([value], trainer)[0] / max(trainer.world_size, 1)
+        if trainer.is_global_zero:
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, "loss": value, "lr": lr}) + "\n")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # Which stage wrote a checkpoint, so resuming another stage from it is a clear error.
+        cfg = getattr(pl_module, "cfg", None)
+        if cfg is not None:
+            checkpoint["kosmos_g"] = {"stage": cfg.stage.name, "model": cfg.model.name}
+
+
+def read_steps(path: Path) -> dict[int, dict]:
+    """steps.jsonl as {step: record} (the last record of a step wins)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["step"]] = rec
+    return out

@@ -23,6 +23,7 @@ from torchvision.utils import make_grid
 
 from kosmos_g.assets import SD_PARTS, corpus, diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
+from kosmos_g.data.cache import FeatureCache, latents_from_moments, open_cache
 from kosmos_g.data.datamodule import KosmosGDataModule, vae_image_transform
 from kosmos_g.data.format import Entity, Sample, SubjectImage
 from kosmos_g.data.shards import BadSample
@@ -56,9 +57,11 @@ def instruction(sample: Sample, rng: random.Random, entity_drop_prob: float) -> 
 
 
 class InstructFeatures:
-    def __init__(self, processor: KosmosGProcessor, image_size: int, max_text_tokens: int, entity_drop_prob: float):
+    def __init__(self, processor: KosmosGProcessor, image_size: int, max_text_tokens: int, entity_drop_prob: float,
+                 caches: dict[str, FeatureCache] | None = None):
         self.processor, self.max_text_tokens, self.entity_drop_prob = processor, max_text_tokens, entity_drop_prob
         self.target_transform = vae_image_transform(image_size)
+        self.caches = caches or {}  # precomputed VAE moments of the targets, per kind (data.vae_latent_caches)
 
     def __call__(self, sample: Sample, rng: random.Random) -> dict:
         prompt = instruction(sample, rng, self.entity_drop_prob)
@@ -68,7 +71,9 @@ class InstructFeatures:
             raise BadSample("too_long", str(e)) from None
         if len(encoded.input_ids) > self.max_text_tokens:
             raise BadSample("too_long", f"{len(encoded.input_ids)} tokens")
+        cache = self.caches.get(sample.kind)
         return {"encoded": encoded, "target": self.target_transform(sample.target.convert("RGB")),
+                "moments": cache.get(sample.key) if cache is not None else None,
                 "kind": sample.kind, "prompt": prompt}
 
     def collate(self, features: list[dict]) -> dict:
@@ -76,6 +81,8 @@ class InstructFeatures:
         batch["target_pixels"] = torch.stack([f["target"] for f in features])
         batch["kinds"] = [f["kind"] for f in features]
         batch["prompts"] = [f["prompt"] for f in features]
+        if all(f["moments"] is not None for f in features):  # a fully cached batch skips the VAE encoder
+            batch["target_moments"] = torch.stack([f["moments"] for f in features])
         return batch
 
 
@@ -108,7 +115,10 @@ class ScoreDistillTuner(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.sample_prompts is None:
             self.sample_prompts = batch["prompts"][:4]
-        latents = self.diffusion.encode_images(batch["target_pixels"])           # frozen VAE, no grad
+        if "target_moments" in batch:                                             # cached VAE posterior
+            latents = latents_from_moments(batch["target_moments"], self.diffusion.scaling_factor)
+        else:
+            latents = self.diffusion.encode_images(batch["target_pixels"])       # frozen VAE, no grad
         noisy, noise, timesteps = self.diffusion.add_noise(latents)
 
         cond = condition(self.mllm, self.aligner, batch)                          # [B, 77, d_clip]
@@ -186,7 +196,17 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
                           f"{sd} attends to width {diffusion.cross_attention_dim}: run stage=align against the "
                           "same model.diffusion_path as stage=instruct")
     module = ScoreDistillTuner(mllm, processor, aligner, diffusion, cfg)
+    caches = {}
+    for kind, folder in cfg.data.vae_latent_caches.items():
+        caches[kind] = open_cache(folder)
+        if caches[kind] is None:
+            raise ConfigError(f"data.vae_latent_caches.{kind}={folder} is not a finished cache folder; build it with "
+                              "`python -m kosmos_g.data.cache vae-latents ...` or remove the entry")
+        try:
+            caches[kind].check(type="vae-latents", size=cfg.data.vae_image_size)
+        except ValueError as e:
+            raise ConfigError(f"data.vae_latent_caches.{kind}: {e}") from e
     features = InstructFeatures(processor, cfg.data.vae_image_size, cfg.data.max_text_tokens,
-                                cfg.data.entity_drop_prob)
+                                cfg.data.entity_drop_prob, caches)
     data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed)
     return module, data

@@ -64,7 +64,12 @@ class MultimodalLMModule(L.LightningModule):
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                      reduction="none").view_as(labels)
         counted = (labels != -100).float()
-        loss = (token_loss * counted).sum() / counted.sum()
+        tokens = counted.sum()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # DDP averages the ranks' losses: weigh each rank by its share of all tokens, so N ranks
+            # train exactly as one process on the whole batch would.
+            tokens = self.all_gather(tokens).sum() / self.trainer.world_size
+        loss = (token_loss * counted).sum() / tokens
 
         logs = {"train/loss": loss, "train/ppl": math.exp(min(loss.item(), 20.0))}
         for kind in sorted(set(batch["kinds"])):

@@ -1,0 +1,235 @@
+"""From `trainer.*` config to a Lightning strategy: single device, DDP, or FSDP (docs/scaling.md).
+
+    strategy = build_strategy(cfg.trainer)      # "auto", a DDPStrategy or a KosmosFSDPStrategy
+    prepare_module(module, cfg.trainer)         # before Trainer.fit: hand activation checkpointing to FSDP
+
+FSDP (the paper preset, `trainer=a100_fsdp` / `v100_fsdp`):
+  * one FSDP unit per layer class in `trainer.fsdp_wrap_layers` (Llama decoder layers, timm ViT blocks,
+    the aligner's encoder/decoder layers); everything else (embeddings, LM head, resampler, ViT stem,
+    aligner projections and query tables) is in the root unit;
+  * `use_orig_params=True`: a unit may mix frozen and trainable parameters (the ViT keeps only its last
+    block trainable) and the optimiser sees the original parameters, so it still only gets trainable ones;
+  * mixed precision: parameters all-gathered in bf16 (A100) or fp16 (V100) for compute, gradients
+    reduce-scattered in fp32, fp32 master weights (the sharded flat parameters) and Adam state; fp16
+    adds FSDP's ShardedGradScaler (Lightning's FSDPPrecision creates it for `16-mixed`);
+  * activation checkpointing by the strategy (non-reentrant `checkpoint_wrapper` on `trainer.checkpoint_layers`),
+    in place of the model's own (transformers/timm) checkpointing, which `prepare_module` turns off so
+    nothing is recomputed twice;
+  * `trainer.fsdp_ignored_modules` (U-Net/VAE, CLIP text encoder) stay outside FSDP, replicated and frozen
+    on every GPU: they get no gradients or optimiser state either way, and replicating SD v1.5's 1.1B frozen
+    fp16 weights costs 2 GB per GPU, while sharding them would all-gather them at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch import nn
+
+from kosmos_g.config import ConfigError, TrainerConfig
+
+# Layer class names accepted in trainer.fsdp_wrap_layers / trainer.checkpoint_layers -> "module:Class".
+# A dotted "package.module:Class" (or "package.module.Class") is accepted too.
+LAYER_CLASSES = {
+    "LlamaDecoderLayer": "transformers.models.llama.modeling_llama:LlamaDecoderLayer",
+    "Block": "timm.models.vision_transformer:Block",
+    "TransformerEncoderLayer": "torch.nn:TransformerEncoderLayer",
+    "TransformerDecoderLayer": "torch.nn:TransformerDecoderLayer",
+    "CLIPEncoderLayer": "transformers.models.clip.modeling_clip:CLIPEncoderLayer",
+    "BasicTransformerBlock": "diffusers.models.attention:BasicTransformerBlock",
+    "ResnetBlock2D": "diffusers.models.resnet:ResnetBlock2D",
+}
+
+
+def layer_classes(names: list[str], key: str) -> set[type[nn.Module]]:
+    """The nn.Module classes named in config `key` (a short name of LAYER_CLASSES or an import path)."""
+    classes = set()
+    for name in names:
+        path = LAYER_CLASSES.get(name, name)
+        module_name, _, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr) if module_name else None
+        except (ImportError, AttributeError):
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ConfigError(f"{key} has {name!r}, which is not a known layer class. Use one of "
+                              f"{', '.join(LAYER_CLASSES)} or an import path such as 'package.module:Class'.")
+        classes.add(cls)
+    return classes
+
+
+def mixed_precision(precision: str):
+    """FSDP's MixedPrecision for a Lightning precision string (None: FSDP keeps fp32 everywhere).
+
+    Compute copies in the half type; gradient reduce-scatter and buffers (e.g. rotary frequencies) in fp32,
+    which costs one extra byte per gradient element of communication but keeps the sums exact enough.
+    """
+    from torch.distributed.fsdp import MixedPrecision
+
+    half = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+            "16-mixed": torch.float16, "16-true": torch.float16}.get(str(precision))
+    if half is None:
+        return None
+    return MixedPrecision(param_dtype=half, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
+
+
+def _fsdp_strategy_class():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class KosmosFSDPStrategy(FSDPStrategy):
+        """Lightning's FSDPStrategy plus `ignored_modules` given by attribute name on the LightningModule.
+
+        Ignored modules are moved to this rank's device (FSDP does not move what it ignores) and left
+        replicated; the names are resolved when the model is wrapped, after the stage built it.
+        """
+
+        def __init__(self, ignored_module_names: list[str] = (), **kwargs):
+            super().__init__(**kwargs)
+            self.ignored_module_names = list(ignored_module_names)
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            ignored = ignored_modules(model, self.ignored_module_names)
+            if ignored:
+                for m in ignored:
+                    m.to(self.root_device)
+                self.kwargs["ignored_modules"] = ignored
+            if self.root_device.type == "cpu":
+                # FSDP runs on CPU processes (gloo) when told the device; Lightning passes only a device
+                # index. Used by the tests: the same wrapping, sharding and checkpoints as on GPUs.
+                model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                                 mixed_precision=self.mixed_precision_config,
+                                                 sharding_strategy=self.sharding_strategy,
+                                                 device_id=torch.device("cpu"), **self.kwargs)
+                self.kwargs.pop("auto_wrap_policy", None)  # applied; Lightning would warn it is ignored
+            return super()._setup_model(model)
+
+    return KosmosFSDPStrategy
+
+
+def ignored_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The submodules of `model` at the attribute paths `names` that exist (a stage may lack some)."""
+    out = []
+    for name in names:
+        module = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Module):
+            out.append(module)
+    return out
+
+
+def build_strategy(t: TrainerConfig):
+    """The Lightning strategy for `trainer.strategy` (validates class names: fails before anything runs)."""
+    multi = t.num_nodes > 1 or (t.devices not in (1, "1") and not (isinstance(t.devices, list) and len(t.devices) == 1))
+    if t.strategy == "auto" and not multi:
+        return "auto"
+    if t.strategy in ("auto", "ddp"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # find_unused_parameters: stage mllm's text-only batches leave the ViT/resampler without gradients.
+        return DDPStrategy(find_unused_parameters=t.find_unused_parameters,
+                           process_group_backend=t.process_group_backend)
+    wrap = layer_classes(t.fsdp_wrap_layers, "trainer.fsdp_wrap_layers")
+    ckpt = layer_classes(t.checkpoint_layers, "trainer.checkpoint_layers") if t.activation_checkpointing else None
+    return _fsdp_strategy_class()(
+        ignored_module_names=t.fsdp_ignored_modules,
+        auto_wrap_policy=wrap,
+        activation_checkpointing_policy=ckpt,
+        mixed_precision=mixed_precision(t.precision),
+        sharding_strategy=t.fsdp_sharding,
+        cpu_offload=t.fsdp_cpu_offload,
+        process_group_backend=t.process_group_backend,
+        state_dict_type="full",  # one .ckpt file (rank 0 gathers), read back by resume=auto and the exports
+        limit_all_gathers=True,  # at most two units' unsharded weights in memory at once
+        use_orig_params=True,
+    )
+
+
+def gradient_clipping(strategy, max_norm: float) -> tuple[float | None, list]:
+    """(Trainer's gradient_clip_val, extra callbacks): Lightning clips by norm itself, except under FSDP,
+    where it refuses to ("not supported for FSDPPrecision") and the FSDP root must compute the global norm."""
+    if not max_norm:
+        return None, []
+    if isinstance(strategy, str) or not hasattr(strategy, "sharding_strategy"):
+        return max_norm, []
+    return None, [ShardedGradClip(max_norm)]
+
+
+class ShardedGradClip(L.Callback):
+    """Clip the global gradient norm under FSDP (`FullyShardedDataParallel.clip_grad_norm_`: every rank
+    holds a shard, the norm is all-reduced). Runs after the numerical guard and the grad-norm logging."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        trainer.strategy.model.clip_grad_norm_(self.max_norm)
+
+
+def prepare_module(module: nn.Module, t: TrainerConfig) -> None:
+    """Under FSDP with activation checkpointing the strategy recomputes the layers: turn the model's own off."""
+    if t.strategy != "fsdp" or not t.activation_checkpointing:
+        return
+    for m in module.modules():
+        if hasattr(m, "set_activation_checkpointing") and m is not module:
+            m.set_activation_checkpointing(False)
+
+
+def is_sharded(trainer) -> bool:
+    """True when this rank holds only a shard of the weights (FSDP other than NO_SHARD on 2+ processes)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = trainer.strategy
+    return (isinstance(strategy, FSDPStrategy) and trainer.world_size > 1
+            and strategy.sharding_strategy.name != "NO_SHARD")
+
+
+@contextlib.contextmanager
+def full_weights(trainer) -> Iterator[None]:
+    """Inside: rank 0's modules hold their full weights (FSDP gathers them, on the CPU), so the stage's
+    `export_parts()` writes whole tensors. Every rank must enter (it is a collective); without FSDP a no-op."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# before the process group exists: which launcher process is this, and a lock for shared files
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, SLURM, Lightning's own); 0 alone."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    # Lightning's subprocess launcher sets NODE_RANK / LOCAL_RANK for the processes it starts.
+    return int(env.get("NODE_RANK", 0)) * 10_000 + int(env.get("LOCAL_RANK", 0))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock across the processes of a node: one writes shared files (tiny world, assets), others wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
