@@ -23,14 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
 
-# SD v1.5's U-Net is diffusers' UNet2DConditionModel default with these; its VAE and CLIP-L text encoder:
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4)
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=77)
-LLAMA_VOCAB = 32000
+# The paper preset's frozen parts, sized as in the memory plan.
+from benchmarks.memory_plan import CLIP_L_TEXT, LLAMA_VOCAB, SD15_UNET, SD15_VAE
 
 
 class VocabStub:
