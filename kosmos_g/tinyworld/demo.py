@@ -31,7 +31,7 @@ from kosmos_g.tinyworld.teachers import train_teachers
 from kosmos_g.train import main as train
 
 # Sized for <= 20 minutes on 2 CPU cores in all; --quick is the tests' mini version.
-FULL = dict(samples=3000, teachers="default", steps={"mllm": 300, "align": 300, "instruct": 600}, test=200)
+FULL = dict(samples=3000, teachers="default", steps={"mllm": 300, "align": 300, "instruct": 1500}, test=200)
 QUICK = dict(samples=150, teachers="quick", steps={"mllm": 4, "align": 4, "instruct": 4}, test=8)
 
 
