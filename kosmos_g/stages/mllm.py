@@ -47,9 +47,10 @@ class MLLMFeatures:
 
 
 class MultimodalLMModule(L.LightningModule):
-    def __init__(self, mllm, cfg: TrainConfig):
+    def __init__(self, mllm, cfg: TrainConfig, processor: KosmosGProcessor | None = None):
         super().__init__()
         self.cfg = cfg
+        self.processor = processor  # exported beside the MLLM for the later stages
         self.mllm = mllm
         self.mllm.requires_grad_(True)
         self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
@@ -91,8 +92,7 @@ class MultimodalLMModule(L.LightningModule):
 def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
     """A freshly initialised MLLM (stage 1 has no predecessor) and the text/caption/interleaved DataModule."""
     mllm, processor, _ = load_mllm(cfg, assets, init_export, lambda: corpus(cfg.data))
-    module = MultimodalLMModule(mllm, cfg)
-    module.processor = processor
+    module = MultimodalLMModule(mllm, cfg, processor)
     features = MLLMFeatures(processor, cfg.data.max_text_tokens)
     data = KosmosGDataModule(cfg.data, "mllm", cfg.stage.batch_size, features, features.collate, cfg.seed)
     return module, data
