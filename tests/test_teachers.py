@@ -15,7 +15,8 @@ from kosmos_g.assets import load_text_encoder
 from kosmos_g.eval.metrics import CLIPTScore, load_clip
 from kosmos_g.models.diffusion import FrozenDiffusion
 from kosmos_g.tinyworld.oracle import Oracle, all_scenes, attribute_accuracy, to_tensor
-from kosmos_g.tinyworld.teachers import MANIFEST, generate, load_pipeline, train_teachers, world_data
+from kosmos_g.tinyworld.teachers import (MANIFEST, codec_images, generate, load_pipeline, near_misses, train_teachers,
+                                         world_data)
 from kosmos_g.tinyworld.world import Obj, Scene, caption, is_heldout, render
 
 HELDOUT = [s for s in all_scenes() if is_heldout(s)]
@@ -103,10 +104,28 @@ def test_attribute_accuracy_counts_each_attribute():
         attribute_accuracy(pred, truth[:1])
 
 
-def test_teacher_data_has_no_heldout_combination():
+def test_teacher_data_splits():
     scenes, captions, images = world_data(seed=0, size=32, n_captions=50)
-    assert not any(is_heldout(s) for s in scenes)
+    assert not any(is_heldout(s) for s in scenes)   # CLIP and the U-Net never see a held-out combination...
     assert len(scenes) == len(captions) == len(images) == 450 and images.shape[1:] == (3, 32, 32)
+    assert any(is_heldout(s) for s in world_data(0, 32, 50, heldout=True)[0])   # ...unless asked to
+    # The VAE (a pixel codec) sees every one-object scene once, held-out ones included.
+    assert codec_images(32).shape == (len(all_scenes()), 3, 32, 32)
+
+
+def attrs(scene: Scene) -> tuple:
+    return scene.objects[0].shape, scene.objects[0].colour, scene.objects[0].position, scene.background
+
+
+def test_near_misses_differ_in_exactly_one_attribute():
+    scenes = [s for s in all_scenes() if not is_heldout(s)] + [Scene((Obj("circle", "red", "top left"),
+                                                                      Obj("square", "blue", "top right")), "plain")]
+    misses = near_misses(scenes)
+    assert misses[-1] == []   # only one-object scenes have near misses
+    for i, partners in enumerate(misses[:-1]):
+        assert partners, scenes[i]
+        for j in partners:
+            assert sum(a != b for a, b in zip(attrs(scenes[i]), attrs(scenes[j]))) == 1
 
 
 def test_second_call_reuses_the_cache(teachers, capsys):

@@ -140,6 +140,9 @@ def test_every_generator_returns_valid_samples_of_its_kind():
         assert len(s.images) >= 2
         kinds = [type(x) for x in s.segments]
         assert all(a is not b for a, b in zip(kinds, kinds[1:])), "text and images alternate"
+    # Some images are close-ups of one object (what stage 3 shows as a subject), named as such.
+    docs = " ".join(s.text for s in GENERATORS["interleaved"](8, 3))
+    assert "a close-up of a " in docs and " at the " in docs
     for s in GENERATORS["edit"](8, 3):
         assert len(s.segments) == 2
         assert isinstance(s.segments[0], Image.Image) and isinstance(s.segments[1], str)

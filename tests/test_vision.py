@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from kosmos_g.models.resampler import Resampler
 from kosmos_g.models.vision import PAPER_MODEL_NAME, TINY_VIT_KWARGS, VisionEncoder
@@ -158,10 +159,35 @@ def test_loads_openai_torchscript_archive(tmp_path):
                                sd["visual.transformer.resblocks.0.attn.in_proj_weight"].half().float())
 
 
+@pytest.mark.parametrize("tower", ["CLIPModel", "CLIPVisionModel"])
+def test_loads_transformers_clip_folder(tmp_path, tower):
+    # The layout of openai/clip-vit-large-patch14 on the Hub (and of the tiny world's teacher CLIP).
+    vision = transformers.CLIPVisionConfig(
+        image_size=TINY_IMG, patch_size=TINY_VIT_KWARGS["patch_size"], hidden_size=TINY_VIT_KWARGS["embed_dim"],
+        num_hidden_layers=TINY_VIT_KWARGS["depth"], num_attention_heads=TINY_VIT_KWARGS["num_heads"],
+        intermediate_size=int(TINY_VIT_KWARGS["embed_dim"] * TINY_VIT_KWARGS["mlp_ratio"]))
+    torch.manual_seed(0)
+    if tower == "CLIPModel":
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision.to_dict()))
+    else:
+        model = transformers.CLIPVisionModel(vision)
+    model.save_pretrained(tmp_path)
+    encoder = VisionEncoder.from_config(PAPER_MODEL_NAME, TINY_IMG, str(tmp_path), **TINY_VIT_KWARGS).eval()
+    tower = model.vision_model if tower == "CLIPModel" else model
+    x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    with torch.no_grad():  # timm's final norm is applied to every token; transformers' to CLS only
+        expected = tower.eval().post_layernorm(tower(pixel_values=x).last_hidden_state)
+        torch.testing.assert_close(encoder.vit.forward_features(x), expected)
+
+
 def test_wrong_checkpoint_layout_is_an_error(tmp_path):
     path = tmp_path / "not_clip.bin"
-    torch.save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(32, 3, 8, 8)}, path)
+    torch.save({"conv1.weight": torch.zeros(32, 3, 8, 8)}, path)
     with pytest.raises(ValueError, match=r"does not match .*missing \['cls_token'"):
+        VisionEncoder.from_config(PAPER_MODEL_NAME, TINY_IMG, str(path), **TINY_VIT_KWARGS)
+    torch.save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(32, 3, 8, 8)}, path)
+    with pytest.raises(ValueError, match="transformers CLIP checkpoint but has no 'embeddings.class_embedding'"):
         VisionEncoder.from_config(PAPER_MODEL_NAME, TINY_IMG, str(path), **TINY_VIT_KWARGS)
 
 

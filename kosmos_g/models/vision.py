@@ -28,13 +28,14 @@ from torch import nn
 PAPER_MODEL_NAME = "vit_large_patch14_clip_quickgelu_224"
 """timm name of CLIP ViT-L/14 with OpenAI's QuickGELU (the paper's vision encoder)."""
 
-TINY_VIT_KWARGS = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_VIT_KWARGS = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0)
 """Sizes of the random tiny-preset ViT (same timm family as the paper's), used with img_size=32."""
 
 _WEIGHTS_HINT = (
-    "Set model.vision.weights_path to a local open_clip / OpenAI CLIP ViT-L/14 checkpoint: an open_clip "
-    "state dict such as `open_clip_pytorch_model.bin` (keys `visual.conv1.weight`, "
-    "`visual.transformer.resblocks.*`, ...) or OpenAI's TorchScript `ViT-L-14.pt`; or set it to null to "
+    "Set model.vision.weights_path to a local CLIP ViT-L/14 checkpoint: an open_clip state dict such as "
+    "`open_clip_pytorch_model.bin` (keys `visual.conv1.weight`, `visual.transformer.resblocks.*`, ...), "
+    "OpenAI's TorchScript `ViT-L-14.pt`, or a transformers CLIP folder such as a copy of "
+    "openai/clip-vit-large-patch14 (its `model.safetensors`); or set it to null to "
     "build a randomly initialised encoder (tiny preset only)."
 )
 
@@ -56,7 +57,8 @@ class VisionEncoder(nn.Module):
                     **timm_kwargs) -> "VisionEncoder":
         """Build `model_name` from timm at `img_size` px, with weights from a local file or random.
 
-        weights_path: an open_clip / OpenAI CLIP state dict (or OpenAI's TorchScript archive); timm's
+        weights_path: an open_clip / OpenAI CLIP state dict (or OpenAI's TorchScript archive), or a
+            transformers CLIP checkpoint (a folder with `model.safetensors`, or the file itself); timm's
             own converter (`checkpoint_filter_fn`) maps it to the timm layout. None builds a random
             encoder. Nothing is ever downloaded.
         timm_kwargs: model sizes passed to `timm.create_model` (e.g. TINY_VIT_KWARGS).
@@ -65,6 +67,8 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"model.vision.model_name {model_name!r} is not a timm model; use "
                              f"{PAPER_MODEL_NAME!r} (OpenAI CLIP ViT-L/14) or another name from "
                              "timm.list_models('*clip*')")
+        if weights_path is not None and os.path.isdir(weights_path):  # a transformers CLIP folder
+            weights_path = os.path.join(weights_path, "model.safetensors")
         if weights_path is not None and not os.path.isfile(weights_path):
             raise FileNotFoundError(f"vision encoder weights not found: {weights_path!r} "
                                     f"(model.vision.weights_path). {_WEIGHTS_HINT}")
@@ -82,6 +86,12 @@ class VisionEncoder(nn.Module):
         file in another layout would silently leave random weights; here it is an error instead.
         """
         state_dict = _read_checkpoint(path)
+        if any(k.endswith(_HF_PATCH_EMBED) for k in state_dict):  # transformers layout
+            try:
+                state_dict = hf_clip_to_open_clip(state_dict)
+            except KeyError as e:
+                raise ValueError(f"{path!r} (model.vision.weights_path) looks like a transformers CLIP checkpoint "
+                                 f"but has no {e.args[0]!r}. {_WEIGHTS_HINT}") from None
         state_dict = checkpoint_filter_fn(state_dict, self.vit)  # OpenAI/open_clip keys -> timm keys
         # CLIP's `visual.proj` becomes `head.*`, which this encoder does not have (num_classes=0).
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
@@ -175,6 +185,36 @@ class VisionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward (the paper trains with activation checkpointing)."""
         self.vit.set_grad_checkpointing(enable)
+
+
+_HF_PATCH_EMBED = "embeddings.patch_embedding.weight"
+
+
+def hf_clip_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers `CLIPModel` / `CLIPVisionModel` state dict's vision tower in open_clip's `visual.*`
+    layout, which timm's converter reads. Why not a direct transformers -> timm map: timm already owns the
+    open_clip -> timm one, so only the transformers -> open_clip renaming (and q/k/v fusion) lives here."""
+    # CLIPModel keys start with `vision_model.`; a saved CLIPVisionModel may have none.
+    prefix = next(k for k in state_dict if k.endswith(_HF_PATCH_EMBED))[:-len(_HF_PATCH_EMBED)]
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out = {"visual.conv1.weight": sd["embeddings.patch_embedding.weight"],
+           "visual.class_embedding": sd["embeddings.class_embedding"],
+           "visual.positional_embedding": sd["embeddings.position_embedding.weight"]}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            out[f"visual.{ours}.{p}"] = sd[f"{theirs}.{p}"]
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in layers:
+        theirs, ours = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            for o, t in names.items():
+                out[f"{ours}{o}.{p}"] = sd[f"{theirs}{t}.{p}"]
+            out[f"{ours}attn.in_proj_{p}"] = torch.cat([sd[f"{theirs}self_attn.{q}_proj.{p}"] for q in "qkv"])
+    if "visual_projection.weight" in state_dict:   # CLIPModel only; dropped later (num_classes=0)
+        out["visual.proj"] = state_dict["visual_projection.weight"].t()
+    return out
 
 
 def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:

@@ -322,19 +322,30 @@ def _merge_text(segments: list) -> list:
 
 
 def interleaved_samples(n: int, seed: int, size: int = 32) -> list[Sample]:
-    """Documents of 2-3 train images, each captioned just before ("Here is a red circle ...: <img>")
-    or just after ("and here is <img> a blue square ...")."""
+    """Documents of 2-3 train images, each described just before ("Here is a red circle ...: <img>") or
+    just after ("and here is <img> a blue square ..."). A third of the images are close-ups of one
+    object (cut out as `crop_object` does, on its background or on white) described as "a close-up of
+    a red circle": the kind of picture stage 3 shows as a subject. Why: an MLLM that only ever saw whole
+    scenes named a close-up's colour (~80%) but hardly its shape (10-25%); with close-ups, 68-84% of
+    train subjects' shapes (34-38% of held-out shape-colour pairs')."""
     rng = _rng(seed, "interleaved", n)
     samples = []
     for i in range(n):
         segments = []
         for j in range(int(rng.integers(2, 4))):
-            scene = sample_scene(rng, "train", 2)
             opener = "Here is" if j == 0 else str(rng.choice(["And here is", "Next comes", "Then there is"]))
-            if rng.random() < 0.5:
-                segments += [f"{opener} {caption(scene)}: ", render(scene, size), ". "]
+            if rng.random() < 1 / 3:
+                scene = sample_scene(rng, "train", 1)
+                if rng.random() < 0.5:
+                    scene = replace(scene, background=WHITE)
+                text, image = f"a close-up of a {scene.objects[0].name}", crop_object(scene, 0, size)
             else:
-                segments += [f"{opener} ", render(scene, size), f" {caption(scene)}. "]
+                scene = sample_scene(rng, "train", 2)
+                text, image = caption(scene), render(scene, size)
+            if rng.random() < 0.5:
+                segments += [f"{opener} {text}: ", image, ". "]
+            else:
+                segments += [f"{opener} ", image, f" {text}. "]
         samples.append(Sample("interleaved", _merge_text(segments), key=f"tiny_interleaved_{seed}_{i:06d}"))
     return samples
 
