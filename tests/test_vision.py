@@ -241,3 +241,9 @@ def test_paper_sizes_on_meta_device():
     encoder.lock()
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     assert 12e6 < trainable < 13e6  # one ViT-L block (~12.6M) + the final norm
+
+
+def test_clip_folder_without_weights_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        VisionEncoder.from_config(PAPER_MODEL_NAME, TINY_IMG, str(tmp_path), **TINY_VIT_KWARGS)
+    assert str(tmp_path / "model.safetensors") in str(err.value) and "transformers CLIP folder" in str(err.value)

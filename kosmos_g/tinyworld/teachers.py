@@ -440,8 +440,8 @@ def _build_parts(tmp: Path, cfg: TeacherConfig, seed: int, size: int) -> dict[st
         CLIPModel.from_pretrained(f, local_files_only=True).eval(),
         CLIPProcessor.from_pretrained(f, local_files_only=True)))
     tokenizer = clip_processor.tokenizer
-    vae = part("vae", lambda f: train_vae(codec_images(size), cfg, seed + 1)
-               .save_pretrained(f), lambda f: AutoencoderKL.from_pretrained(f, **LOAD_KW).eval())
+    vae = part("vae", lambda f: train_vae(codec_images(size), cfg, seed + 1).save_pretrained(f),
+               lambda f: AutoencoderKL.from_pretrained(f, **LOAD_KW).eval())
 
     def build_sd_part(folder):
         keep = [i for i, s in enumerate(scenes) if len(s.objects) <= cfg.unet_max_objects]
