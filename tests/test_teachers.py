@@ -15,9 +15,10 @@ from kosmos_g.assets import load_text_encoder
 from kosmos_g.eval.metrics import CLIPTScore, load_clip
 from kosmos_g.models.diffusion import FrozenDiffusion
 from kosmos_g.tinyworld.oracle import Oracle, all_scenes, attribute_accuracy, to_tensor
-from kosmos_g.tinyworld.teachers import (MANIFEST, codec_images, generate, load_pipeline, near_misses, train_teachers,
-                                         world_data)
-from kosmos_g.tinyworld.world import Obj, Scene, caption, is_heldout, render
+from kosmos_g.tinyworld.teachers import (MANIFEST, PARTIALS, closeup_data, codec_images, generate, load_pipeline,
+                                         near_misses, train_teachers, world_data)
+from kosmos_g.tinyworld.world import (BACKGROUNDS, COLOURS, HELDOUT_SHAPE_COLOUR, SHAPES, WHITE, Obj, Scene, caption,
+                                      is_heldout, render)
 
 HELDOUT = [s for s in all_scenes() if is_heldout(s)]
 
@@ -111,6 +112,18 @@ def test_teacher_data_splits():
     assert any(is_heldout(s) for s in world_data(0, 32, 50, heldout=True)[0])   # ...unless asked to
     # The VAE (a pixel codec) sees every one-object scene once, held-out ones included.
     assert codec_images(32).shape == (len(all_scenes()), 3, 32, 32)
+
+
+def test_clip_also_sees_closeups_and_one_attribute_descriptions():
+    scenes, captions, images = closeup_data(16)
+    assert images.shape == (len(scenes), 3, 16, 16) and len(captions) == len(scenes)
+    assert not {(s.objects[0].shape, s.objects[0].colour) for s in scenes} & HELDOUT_SHAPE_COLOUR
+    assert {s.background for s in scenes} == {*BACKGROUNDS, WHITE}
+    assert captions[0] == f"a close-up of a {scenes[0].objects[0].name}"
+    assert len(closeup_data(16, heldout=True)[0]) == len(SHAPES) * len(COLOURS) * (len(BACKGROUNDS) + 1)
+    red_triangle = Scene((Obj("triangle", "red", "top right"), Obj("circle", "blue", "top left")), "plain")
+    assert [t for t, fits in PARTIALS.items() if fits(red_triangle)] == \
+        ["a circle", "a triangle", "something red", "something blue"]
 
 
 def attrs(scene: Scene) -> tuple:
