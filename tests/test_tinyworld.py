@@ -125,6 +125,9 @@ def test_generators_respect_the_split():
             assert is_heldout(e.target) == (split == "test")
             if split == "train" and e.source is not None:      # nothing held out leaks through inputs
                 assert not is_heldout(e.source)
+    # Only the stage-1 documents (the world's "web") show held-out pairs too.
+    docs = " ".join(s.text for s in tw.interleaved_samples(60, 1))
+    assert any(f"{colour} {shape}" in docs for shape, colour in HELDOUT_SHAPE_COLOUR)
 
 
 def test_every_generator_returns_valid_samples_of_its_kind():
