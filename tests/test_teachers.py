@@ -15,8 +15,8 @@ from kosmos_g.assets import load_text_encoder
 from kosmos_g.eval.metrics import CLIPTScore, load_clip
 from kosmos_g.models.diffusion import FrozenDiffusion
 from kosmos_g.tinyworld.oracle import Oracle, all_scenes, attribute_accuracy, to_tensor
-from kosmos_g.tinyworld.teachers import (MANIFEST, PARTIALS, closeup_data, codec_images, generate, load_pipeline,
-                                         near_misses, train_teachers, world_data)
+from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images, near_misses, world_data
+from kosmos_g.tinyworld.teachers import MANIFEST, generate, load_pipeline, train_teachers
 from kosmos_g.tinyworld.world import (BACKGROUNDS, COLOURS, HELDOUT_SHAPE_COLOUR, SHAPES, WHITE, Obj, Scene, caption,
                                       is_heldout, render)
 

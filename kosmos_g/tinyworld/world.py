@@ -323,12 +323,12 @@ def _merge_text(segments: list) -> list:
 
 
 def interleaved_samples(n: int, seed: int, size: int = 32) -> list[Sample]:
-    """The stage-1 "web": documents of 2-3 images of *any* combination, each described just before ("Here is a red circle ...: <img>") or
-    just after ("and here is <img> a blue square ..."). A third of the images are close-ups of one
-    object (cut out as `crop_object` does, on its background or on white) described as "a close-up of
-    a red circle": the kind of picture stage 3 shows as a subject. Why: an MLLM that only ever saw whole
-    scenes named a close-up's colour (~80%) but hardly its shape (10-25%); with close-ups, 68-84% of
-    train subjects' shapes (34-38% of held-out shape-colour pairs').
+    """The stage-1 "web": documents of 2-3 images of *any* combination, each described just before
+    ("Here is a red circle ...: <img>") or just after ("and here is <img> a blue square ..."). A third
+    of the images are close-ups of one object (cut out as `crop_object` does, on its background or on
+    white) described as "a close-up of a red circle": the kind of picture stage 3 shows as a subject.
+    Why: an MLLM that only ever saw whole scenes named a close-up's colour (~80%) but hardly its shape
+    (10-25%); with close-ups, 68-84% of train subjects' shapes (34-38% of held-out shape-colour pairs').
 
     Why any combination, held-out ones included: these documents stand in for web-scale pre-training,
     which shows Kosmos-G the kinds of objects DreamBench later asks for. The held-out pairs stay out of
