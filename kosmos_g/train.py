@@ -176,6 +176,17 @@ def _run_or_exit(cfg: TrainConfig) -> None:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(3) from None
+    finally:
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Under torchrun, close the process group Lightning opened, as PyTorch asks, rather than leave it to
+    interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _hydra_main(argv: list[str]) -> None:
