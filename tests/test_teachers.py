@@ -16,7 +16,7 @@ from kosmos_g.eval.metrics import CLIPTScore, load_clip
 from kosmos_g.models.diffusion import FrozenDiffusion
 from kosmos_g.tinyworld.oracle import Oracle, all_scenes, attribute_accuracy, to_tensor
 from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images, near_misses, world_data
-from kosmos_g.tinyworld.teachers import MANIFEST, generate, load_pipeline, train_teachers
+from kosmos_g.tinyworld.teachers import MANIFEST, TeacherConfig, generate, load_pipeline, train_teachers
 from kosmos_g.tinyworld.world import (BACKGROUNDS, COLOURS, HELDOUT_SHAPE_COLOUR, SHAPES, WHITE, Obj, Scene, caption,
                                       is_heldout, render)
 
@@ -124,6 +124,11 @@ def test_clip_also_sees_closeups_and_one_attribute_descriptions():
     red_triangle = Scene((Obj("triangle", "red", "top right"), Obj("circle", "blue", "top left")), "plain")
     assert [t for t, fits in PARTIALS.items() if fits(red_triangle)] == \
         ["a circle", "a triangle", "something red", "something blue"]
+
+
+def test_teacher_config_refuses_a_fraction_outside_0_1():
+    with pytest.raises(ValueError, match=r"clip_partial .*\[0, 1\]"):
+        TeacherConfig(clip_partial=1.5)
 
 
 def attrs(scene: Scene) -> tuple:

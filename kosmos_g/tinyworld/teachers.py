@@ -102,6 +102,12 @@ class TeacherConfig:
     ema_decay: float = 0.995
     oracle_steps: int = 800
 
+    def __post_init__(self):
+        for name in ("clip_partial", "uncond_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"TeacherConfig.{name} is a fraction of captions, so it must be in [0, 1]; "
+                                 f"got {getattr(self, name)}")
+
 
 BUDGETS = {
     "default": TeacherConfig(),

@@ -335,7 +335,10 @@ def interleaved_samples(n: int, seed: int, size: int = 32) -> list[Sample]:
     every caption (stage 2) and every caption, subject and edit (stage 3). With them kept out of stage 1
     too, the MLLM learnt to read a held-out pair's shape less well (demo shape accuracy 48.5 vs 57.0)."""
     rng = _rng(seed, "interleaved", n)
-    any_scene = lambda max_objects: _random_scene(rng, int(rng.integers(1, max_objects + 1)))  # noqa: E731
+
+    def any_scene(max_objects: int) -> Scene:
+        return _random_scene(rng, int(rng.integers(1, max_objects + 1)))
+
     samples = []
     for i in range(n):
         segments = []
