@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from kosmos_g.config import SAMPLE_KINDS, ConfigError, DataConfig, ModelConfig
@@ -77,7 +78,10 @@ def _write_tiny_sd(folder: Path, model: ModelConfig, texts: Callable[[], Iterabl
         num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
         max_position_embeddings=model.clip_max_tokens, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    text_encoder.save_pretrained(folder / "text_encoder")
+    # Not save_pretrained: once a process group exists it writes weights on rank 0 only, and the shared assets
+    # are written by whichever process holds the lock (kosmos_g.train._prepare_shared_files).
+    text_encoder.config.save_pretrained(folder / "text_encoder")
+    save_file(text_encoder.state_dict(), folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     save_tiny_sd_folder(str(folder), cross_attention_dim=c.hidden_size, image_size=image_size)
 
 

@@ -27,13 +27,15 @@ import fcntl
 import importlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import lightning as L
 import torch
 from torch import nn
 
 from kosmos_g.config import ConfigError, TrainerConfig
+
+T = TypeVar("T")
 
 # Layer class names accepted in trainer.fsdp_wrap_layers / trainer.checkpoint_layers -> "module:Class".
 # A dotted "package.module:Class" (or "package.module.Class") is accepted too.
@@ -191,6 +193,18 @@ def is_sharded(trainer) -> bool:
     strategy = trainer.strategy
     return (isinstance(strategy, FSDPStrategy) and trainer.world_size > 1
             and strategy.sharding_strategy.name != "NO_SHARD")
+
+
+def sharded_call(trainer, fn: Callable[[], T]) -> T:
+    """Run `fn` (forwards of the LightningModule's submodules, e.g. a sample grid) on THIS rank so that it
+    works under FSDP: through the FSDP root's forward, which gathers the root unit's weights (embeddings,
+    norms, projections) that direct submodule calls outside training_step would find sharded; nested units
+    gather themselves. It is a collective: every rank must call it, with the same number of forwards inside.
+    The module's `forward(fn)` must return `fn()`. Without FSDP it is just `fn()`."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = getattr(trainer.strategy, "model", None) if trainer is not None else None
+    return model(fn) if isinstance(model, FSDP) else fn()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,13 @@ the reader count), i.e. batch size 2 on 2 ranks sees exactly the single process'
 instruct draws noise: here it is pinned to each sample (seeded by its caption) and the VAE takes the
 posterior mode, so both runs add the same noise to the same sample wherever it lands.
 
+That comparison needs the same samples on both sides, so it departs from the defaults (captions only, no
+CFG dropout: one process draws its drops from one seed, two ranks from two). The second test runs every
+stage with its defaults (cfg_dropout 0.1, the default mixture of every kind, validation and sample grids
+on) under DDP and FSDP, with the data arranged so that rank 1 never sees an image (its mixture: text for
+mllm, captions for instruct) and, at the first instruct step, rank 0 drops one condition more than rank 1:
+before every stage ran the same sharded forwards on every rank, this died with gloo's "collective mismatch".
+
 This file is also torchrun's worker script (`__main__` below).
 """
 
@@ -106,10 +113,7 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(tmp_path, monkeypat
     for name in DISTRIBUTED:
         shutil.copytree(tmp_path / "single" / "assets", tmp_path / name / "assets")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "[worker] rank 1 of 2" in proc.stdout + proc.stderr
+    torchrun(tmp_path, "compare")
 
     for name in DISTRIBUTED:
         for stage in STAGES:
@@ -137,26 +141,72 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(tmp_path, monkeypat
     assert sorted(read_steps(tmp_path / "fsdp" / "align" / "steps.jsonl")) == list(range(1, STEPS + 2))
 
 
+def torchrun(root: Path, mode: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(root),
+           mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "[worker] rank 1 of 2" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_every_stage_runs_its_defaults_under_ddp_and_fsdp_with_uneven_ranks(tmp_path):
+    from kosmos_g.eval.metrics import save_tiny_clip, save_tiny_dino
+    from kosmos_g.run import read_scalars
+
+    if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
+        pytest.skip(f"{DREAMBENCH} not present (validation needs DreamBench)")
+    save_tiny_clip(tmp_path / "clip")
+    save_tiny_dino(tmp_path / "dino.safetensors")
+    torchrun(tmp_path, "defaults")
+
+    seen = [json.loads(line) for f in sorted(tmp_path.glob("seen-*.jsonl")) for line in f.read_text().splitlines()]
+    for name in DISTRIBUTED:
+        for stage in STAGES:
+            steps = read_steps(tmp_path / name / stage / "steps.jsonl")
+            assert sorted(steps) == list(range(1, STEPS + 1)), (name, stage)
+            assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps.values()), (name, stage, steps)
+            assert (tmp_path / name / stage / "export" / "manifest.json").is_file()
+        # the arrangement really happened: rank 1 image-free, rank 0 with images; uneven CFG drops
+        for stage in ("mllm", "instruct"):
+            images = {r: [e["images"] for e in seen if (e["run"], e["stage"], e["rank"]) == (name, stage, r)]
+                      for r in (0, 1)}
+            assert images[1] and not any(images[1]) and any(images[0]), (name, stage, images)
+        drops = {r: [e["dropped"] for e in seen if (e["run"], e["stage"], e["rank"]) == (name, "instruct", r)]
+                 for r in (0, 1)}
+        assert drops[0][0] != drops[1][0], drops
+        # validation and the sample grid ran (every rank generated; rank 0 logged)
+        scalars = read_scalars(tmp_path / name / "instruct" / "tensorboard")
+        assert "val/DINO" in scalars and "val/CLIP-I" in scalars, sorted(scalars)
+
+
 def safetensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(next(folder.glob("*.safetensors")))
 
 
-def worker(root: Path) -> None:
+def worker(root: Path, mode: str) -> None:
     """One torchrun process: the three stages under DDP, then FSDP (2 ranks x batch 2) on the CPU."""
     torch.set_num_threads(1)
     print(f"[worker] rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}", flush=True)
     from kosmos_g.train import release_process_group, run
 
-    pin_noise()
     cpu2 = ["trainer.accelerator=cpu", "trainer.devices=2"]
-    for stage in STAGES:
-        run(stage_config(stage, root, "ddp", batch_size=2, extra=["trainer.strategy=ddp", *cpu2]))
     fsdp = ["trainer.strategy=fsdp", "trainer.activation_checkpointing=true", *cpu2]
-    for stage in STAGES:
-        run(stage_config(stage, root, "fsdp", batch_size=2, extra=fsdp))
-    run(stage_config("align", root, "fsdp", batch_size=2, extra=[*fsdp, f"trainer.max_steps={STEPS + 1}"]))
+    if mode == "compare":
+        pin_noise()
+        for stage in STAGES:
+            run(stage_config(stage, root, "ddp", batch_size=2, extra=["trainer.strategy=ddp", *cpu2]))
+        for stage in STAGES:
+            run(stage_config(stage, root, "fsdp", batch_size=2, extra=fsdp))
+        run(stage_config("align", root, "fsdp", batch_size=2, extra=[*fsdp, f"trainer.max_steps={STEPS + 1}"]))
+    else:
+        record_what_each_rank_sees(root)
+        for name, extra in (("ddp", ["trainer.strategy=ddp", *cpu2]), ("fsdp", fsdp)):
+            for stage in STAGES:
+                run(default_config(stage, root, name, extra))
     release_process_group()
     # Every file is written by now. About one exit in ten then aborted in a C++ destructor ("terminate called
     # without an active exception", after both ranks had finished and released the process group), which
@@ -166,5 +216,63 @@ def worker(root: Path) -> None:
     os._exit(0)
 
 
+DREAMBENCH = Path(__file__).parents[1].parent / "shared" / "dreambench"
+IMAGE_FREE = {"mllm": "text", "instruct": "caption"}  # rank 1's only kind: batches without any image
+
+
+def default_config(stage: str, root: Path, run_name: str, extra: list[str]):
+    """The stage's defaults, except that rank 1 reads only image-free samples; instruct validates and logs
+    sample grids every 2 steps (tiny CLIP/DINO written by the test)."""
+    overrides = [f"stage={stage}", f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}",
+                 "data.tiny_world_samples=200", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
+                 "stage.batch_size=2", *extra]
+    if stage == "instruct":
+        overrides += ["stage.sample_every_n_steps=2", "eval.every_n_steps=2", f"eval.dreambench_root={DREAMBENCH}",
+                      f"eval.clip_path={root / 'clip'}", f"eval.dino_path={root / 'dino.safetensors'}",
+                      "eval.subjects=1", "eval.prompts=1", "eval.steps=2"]
+    cfg = load_config(overrides)
+    if os.environ["RANK"] == "1" and stage in IMAGE_FREE:
+        cfg.data.mixture[stage] = {IMAGE_FREE[stage]: 1.0}
+    return cfg
+
+
+def record_what_each_rank_sees(root: Path) -> None:
+    """Log (run, stage, rank, images, dropped) per step to seen-<rank>.jsonl, and make rank 0 drop its first
+    condition at the first instruct step (on top of the p=0.1 draws), so the ranks' drop counts differ."""
+    from kosmos_g.stages.instruct import ScoreDistillTuner
+    from kosmos_g.stages.mllm import MultimodalLMModule
+
+    rank = int(os.environ["RANK"])
+    out = root / f"seen-{rank}.jsonl"
+
+    def note(module, batch, **extra):
+        entry = {"run": module.cfg.run_name, "stage": module.cfg.stage.name, "rank": rank,
+                 "images": int(batch["pixel_values"].shape[0]), **extra}
+        with out.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    mllm_step, instruct_step, drop_mask = (MultimodalLMModule.training_step, ScoreDistillTuner.training_step,
+                                           ScoreDistillTuner.cfg_drop_mask)
+
+    def mllm_training_step(self, batch, batch_idx):
+        note(self, batch)
+        return mllm_step(self, batch, batch_idx)
+
+    def cfg_drop_mask(self, batch_size):
+        drop = drop_mask(self, batch_size)
+        if rank == 0 and self.global_step == 0:
+            drop[0] = True
+        self.last_dropped = int(drop.sum())
+        return drop
+
+    def instruct_training_step(self, batch, batch_idx):
+        loss = instruct_step(self, batch, batch_idx)
+        note(self, batch, dropped=self.last_dropped)
+        return loss
+
+    MultimodalLMModule.training_step, ScoreDistillTuner.training_step = mllm_training_step, instruct_training_step
+    ScoreDistillTuner.cfg_drop_mask = cfg_drop_mask
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), sys.argv[2])

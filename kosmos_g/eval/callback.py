@@ -3,7 +3,7 @@
     python train.py stage=instruct eval.every_n_steps=500 eval.dreambench_root=../shared/dreambench \\
         eval.clip_path=weights/clip-vit-base-patch32 eval.dino_path=weights/dino_deitsmall16_pretrain.pth
 
-Every `eval.every_n_steps` optimizer steps, and once more when training ends, global rank 0 takes
+Every `eval.every_n_steps` optimizer steps, and once more when training ends, every rank takes
 the first `eval.subjects` DreamBench subjects x their first `eval.prompts` prompts, generates one
 image per case with the module's current weights (`pl_module.pipeline()`, DPM-Solver++,
 `eval.steps` steps, guidance `eval.guidance`, a fixed seed per case) and logs
@@ -15,8 +15,8 @@ image per case with the module's current weights (`pl_module.pipeline()`, DPM-So
 The noise is the same at every validation, so the curves move only because the weights do.
 Validation leaves training exactly as it found it: the torch / CUDA / Python / NumPy random states
 and every submodule's train/eval mode are restored afterwards, so a run with validation trains
-identically to one without. Other ranks do not wait for rank 0 here; they block at the next
-gradient all-reduce, so keep a validation shorter than the process group's timeout (30 min).
+identically to one without. Every rank runs the same generation (under FSDP its sharded forwards are
+collectives, through `kosmos_g.scale.sharded_call`); global rank 0 alone logs.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from kosmos_g.config import ConfigError, EvalConfig
 from kosmos_g.eval.dreambench import load_dreambench
 from kosmos_g.eval.metrics import load_clip, load_dino
 from kosmos_g.eval.protocols import Generation, SubjectCase, dreambench_cases, evaluate_dreambench
+from kosmos_g.scale import sharded_call
 
 SCORES = ("DINO", "CLIP-I", "CLIP-T")
 
@@ -87,7 +88,8 @@ class ValidationCallback(L.Callback):
     """DreamBench-subset scores every `eval_cfg.every_n_steps` steps and at the end of training.
 
     `pl_module` must have `pipeline()` returning a `KosmosGPipeline` that shares its weights
-    (stage=instruct's `ScoreDistillTuner`). `every_n_steps=0` validates only at the end of training.
+    (stage=instruct's `ScoreDistillTuner`). Built directly with `every_n_steps=0`, it validates only at the
+    end of training (stage=instruct attaches it only when eval.every_n_steps > 0).
     CLIP and DINO are loaded once, at the first validation; the paths are checked when fit starts,
     so a wrong path fails at step 0 rather than hours in. `history` keeps (step, scores) of every run.
     """
@@ -138,7 +140,7 @@ class ValidationCallback(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not trainer.is_global_zero:
+        if stage != "fit":
             return
         if not callable(getattr(pl_module, "pipeline", None)):
             raise TypeError(f"ValidationCallback needs a LightningModule with pipeline() returning a "
@@ -156,8 +158,9 @@ class ValidationCallback(L.Callback):
         self._maybe_validate(trainer, pl_module)
 
     def _maybe_validate(self, trainer, pl_module) -> None:
-        # Once per step: with gradient accumulation several batches end on the same global step.
-        if trainer.is_global_zero and trainer.global_step != self._last_step:
+        # Once per step: with gradient accumulation several batches end on the same global step. Every rank
+        # validates (under FSDP the generation's sharded forwards are collectives); rank 0 logs.
+        if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self.validate(trainer, pl_module)
 
@@ -169,16 +172,19 @@ class ValidationCallback(L.Callback):
         cases = self.cases()
         with preserved_rng(), eval_mode(pl_module), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
             clip, dino = self.backbones()  # building them draws random initial weights: inside preserved_rng
-            scores = evaluate_dreambench(pl_module.pipeline(), cases, clip, dino, generation=self.generation,
-                                         grid_dir=tmp, device=pl_module.device, progress=False)
+            scores = sharded_call(trainer, lambda: evaluate_dreambench(
+                pl_module.pipeline(), cases, clip, dino, generation=self.generation, grid_dir=tmp,
+                device=pl_module.device, progress=False))
             grid = stack_grids(sorted(Path(tmp).glob("*.png")))  # one PNG per subject, by name
         seconds = time.perf_counter() - start
         metrics = {f"val/{k}": float(scores[k]) for k in SCORES} | {"val/seconds": seconds}
+        self.history.append((step, dict(scores)))
+        if not trainer.is_global_zero:
+            return scores
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if hasattr(logger.experiment, "add_image"):  # TensorBoard; other loggers get the scalars only
                 logger.experiment.add_image("val/dreambench", grid, step)
-        self.history.append((step, dict(scores)))
         rank_zero_info(f"[validation] step {step}: " + ", ".join(f"{k} {scores[k]:.3f}" for k in SCORES)
                        + f" on {scores['images']} images ({seconds:.1f} s)")
         return scores

@@ -107,7 +107,11 @@ class MultimodalLM(PreTrainedModel):
                 f"{num_images * n} resampler outputs; each image needs exactly {n} {IMAGE_PAD} tokens "
                 "(build inputs with KosmosGProcessor, whose num_image_tokens must equal the model's)")
         if num_images == 0:
-            return embeds
+            # The ViT and connector run anyway, on one blank image whose output is multiplied by zero: under
+            # FSDP every rank must run the same sharded forwards (each all-gathers), whatever its batch holds.
+            size = self.config.vision_img_size
+            blank = torch.zeros(1, 3, size, size, device=embeds.device)
+            return embeds + 0.0 * self.image_embeddings(blank).sum().to(embeds.dtype)
         latents = self.image_embeddings(pixel_values).to(embeds.dtype)
         # masked_scatter fills True positions in row-major order: image 0's N latents first, and so on.
         return embeds.masked_scatter(image_mask.unsqueeze(-1), latents.reshape(-1, latents.shape[-1]))

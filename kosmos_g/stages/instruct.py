@@ -31,6 +31,7 @@ from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.diffusion import FrozenDiffusion
 from kosmos_g.pipeline import KosmosGPipeline, condition
 from kosmos_g.processor import KosmosGProcessor, PromptError
+from kosmos_g.scale import sharded_call
 from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, trainable_state_dict
 
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the noise schedule
@@ -122,11 +123,13 @@ class ScoreDistillTuner(L.LightningModule):
         noisy, noise, timesteps = self.diffusion.add_noise(latents)
 
         cond = condition(self.mllm, self.aligner, batch)                          # [B, 77, d_clip]
+        # The null condition is computed at every step, one row broadcast to the dropped ones, even when
+        # nothing is dropped: under FSDP each forward all-gathers, so every rank must run the same number
+        # of them whatever its random drops (a rank-dependent extra pass deadlocks the collectives).
+        empty = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.empty_prompt.items()}
+        null = condition(self.mllm, self.aligner, empty)                            # [1, 77, d_clip], trained as well
         drop = self.cfg_drop_mask(len(cond))
-        if drop.any():
-            empty = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.empty_prompt.items()}
-            null = condition(self.mllm, self.aligner, empty)                        # trained as well
-            cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
+        cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
 
         eps = self.diffusion.predict_noise(noisy, timesteps, cond)
         per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
@@ -143,23 +146,30 @@ class ScoreDistillTuner(L.LightningModule):
         self.log_dict(logs, prog_bar=True, batch_size=len(per_sample))
         return loss
 
+    def forward(self, fn):
+        """`fn()`: hooks run their generation through here (`kosmos_g.scale.sharded_call`), so that under FSDP
+        it goes through the root unit's forward, which gathers the weights it needs."""
+        return fn()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.cfg.stage.sample_every_n_steps
-        if every and self.global_step % every == 0 and self.logger is not None and self.trainer.is_global_zero:
-            self.log_samples()
+        if every and self.global_step % every == 0 and self.logger is not None:
+            self.log_samples()  # on every rank (sharded forwards are collectives); rank 0 logs
 
     @torch.no_grad()
     def log_samples(self) -> None:
-        """Generate for the fixed sample prompts and log the grid to TensorBoard."""
+        """Generate for the fixed sample prompts (each rank its own) and log rank 0's grid to TensorBoard."""
         pipe = self.pipeline().use_scheduler("dpm++")
         pipe.set_progress_bar_config(disable=True)
         was_training = self.training
         self.eval()
-        images = pipe(self.sample_prompts, num_inference_steps=10, guidance_scale=4.0, output_type="pt",
-                      generator=torch.Generator().manual_seed(0)).images
+        images = sharded_call(self.trainer, lambda: pipe(
+            self.sample_prompts, num_inference_steps=10, guidance_scale=4.0, output_type="pt",
+            generator=torch.Generator().manual_seed(0)).images)
         self.train(was_training)
-        self.logger.experiment.add_image("samples", make_grid(images.float().cpu(), nrow=len(images)),
-                                         self.global_step)
+        if self.trainer.is_global_zero:
+            self.logger.experiment.add_image("samples", make_grid(images.float().cpu(), nrow=len(images)),
+                                             self.global_step)
 
     def pipeline(self) -> KosmosGPipeline:
         d = self.diffusion
