@@ -119,7 +119,8 @@ class LLMConfig:
 
 @dataclass
 class AlignerConfig:
-    """AlignerNet: M maps MLLM states to the U-Net's CLIP-text space, N reconstructs them."""
+    """AlignerNet (the original's sub-LN encoder/decoder layers): M maps MLLM states to the U-Net's CLIP-text
+    space, N reconstructs them. The paper preset is the original's size: M 225.5M, N 250.6M parameters."""
 
     num_heads: int = 12
     ffn_size: int = 3072
@@ -128,7 +129,8 @@ class AlignerConfig:
     num_queries: int = 77
     """Length of M's output: the CLIP-text sequence length the U-Net expects."""
     max_source_positions: int = 32768
-    """Rows of the learned position tables and of N's query table (the original code uses 32768)."""
+    """Rows of the learned position tables and of N's query table (the original code uses 32768). Positions
+    are counted from row 2 (fairseq's convention), so M and N take at most max_source_positions - 2 states."""
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -194,6 +196,9 @@ class ModelConfig:
         _check(self.clip_max_tokens == self.aligner.num_queries,
                f"model.clip_max_tokens ({self.clip_max_tokens}) must equal model.aligner.num_queries "
                f"({self.aligner.num_queries}): M must produce one vector per CLIP token")
+        _check(self.aligner.max_source_positions >= self.llm.max_positions + 2,
+               f"model.aligner.max_source_positions ({self.aligner.max_source_positions}) must be at least "
+               f"model.llm.max_positions + 2 ({self.llm.max_positions + 2}): the aligner's positions start at row 2")
         _check(self.diffusion_dtype in ("float32", "float16", "bfloat16"),
                f"model.diffusion_dtype must be float32, float16 or bfloat16, got {self.diffusion_dtype!r}")
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kosmos_g.config import load_config
+from kosmos_g.config import ConfigError, load_config
 from kosmos_g.models.aligner import AlignerDecoderLayer, AlignerEncoderLayer, AlignerNet
 
 with warnings.catch_warnings():  # torchscale imports timm.models.layers, deprecated in timm 1.x
@@ -271,3 +271,8 @@ def test_too_long_a_sequence_is_one_clear_error():
         aligner.encode(torch.randn(1, ROWS - 1, LLM))
     with pytest.raises(ValueError, match="padding_mask has shape"):
         aligner.reconstruct(torch.randn(2, QUERIES, W), 5, torch.zeros(2, 6, dtype=torch.bool))
+
+
+def test_position_table_too_short_for_the_llm_context_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"max_source_positions \(256\) must be at least .* \(258\)"):
+        load_config(["model=tiny", "model.aligner.max_source_positions=256"])

@@ -9,7 +9,7 @@ and t = CLIPText(captions) [B, 77, d_clip]:
           = MSE(N(M(s)), s) over all B x L x d_llm entries, pad positions included, * 77 / L
     recon (per_sample) = mean over captions of [MSE over the caption's real tokens * 77 / its length]
 
-Both MSEs are plain means (F.mse_loss), as in the original, which sums the two terms unweighted.
+MSE is F.mse_loss's plain mean. The original sums the two terms unweighted (the default weights, 1 and 1).
 Only AlignerNet (M and N) trains; the MLLM and the CLIP text encoder are frozen and kept in eval mode.
 """
 
