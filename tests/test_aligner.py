@@ -34,7 +34,8 @@ def original_keys(llm: int, w: int = 768, ffn: int = 3072, enc: int = 12, dec: i
     feedforward_network}.py` with `EncoderDecoderConfig()` defaults (subln=True: `inner_attn_ln` in
     self-attention only, `ffn_layernorm`; normalize_before: a final `layer_norm`; multiway, MoE, relative
     positions, xPos (sope) off: no other parameters or buffers; vocab_size -1: no output projection but the
-    one passed in). Final checkpoints hold only M's keys (`Aligner_encoder`): encoder_proj, encoder_query, encoder.
+    one passed in; `checkpoint_activations` uses fairscale's checkpoint_wrapper, which patches `forward` and adds
+    no key prefix). Final checkpoints hold only M's keys (`Aligner_encoder`): encoder_proj, encoder_query, encoder.
     """
     def linear(name, n_in, n_out):
         return {f"{name}.weight": (n_out, n_in), f"{name}.bias": (n_out,)}
