@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("mllm", "align", "instruct")
+RECON_WEIGHTINGS = ("official", "per_sample")
 SAMPLE_KINDS = ("text", "caption", "interleaved", "subject", "edit")
 
 
@@ -73,7 +74,14 @@ class StageConfig:
     target_weight: float = 1.0
     """align: weight of MSE(M(s), CLIP-text(caption))."""
     recon_weight: float = 1.0
-    """align: weight of the reconstruction MSE(N(M(s)), s), itself scaled by 77/len(s) as in the paper."""
+    """align: weight of the reconstruction term, computed as `recon_weighting` says."""
+    recon_weighting: str = "official"
+    """align: official = MSE(N(M(s)), s) averaged over the whole right-padded batch [B, L, d_llm], pad
+    positions included, times 77 / L (L: the batch's padded length), as the original code computes it.
+    per_sample = each caption's MSE over its real tokens only, times 77 / its own length, averaged over the
+    batch: pad states (which carry no caption) are not reconstructed and a caption's weight does not depend
+    on the longest caption it is batched with (official weighs a real token of a len-token caption
+    (len / L)^2 as much as per_sample does)."""
     cfg_dropout: float = 0.1
     """instruct: probability that a condition is replaced by the empty prompt's (classifier-free guidance)."""
     sample_every_n_steps: int = 0
@@ -83,6 +91,8 @@ class StageConfig:
         _check(self.name in STAGES, f"stage.name must be one of {', '.join(STAGES)}; got {self.name!r}")
         _check(self.batch_size > 0, "stage.batch_size must be > 0")
         _check(self.target_weight >= 0 and self.recon_weight >= 0, "stage loss weights must be >= 0")
+        _check(self.recon_weighting in RECON_WEIGHTINGS, f"stage.recon_weighting must be one of "
+               f"{', '.join(RECON_WEIGHTINGS)}, got {self.recon_weighting!r}")
         _check(0 <= self.cfg_dropout < 1, "stage.cfg_dropout must be in [0, 1)")
 
 
@@ -109,7 +119,8 @@ class LLMConfig:
 
 @dataclass
 class AlignerConfig:
-    """AlignerNet: M maps MLLM states to the U-Net's CLIP-text space, N reconstructs them."""
+    """AlignerNet (the original's sub-LN encoder/decoder layers): M maps MLLM states to the U-Net's CLIP-text
+    space, N reconstructs them. The paper preset is the original's size: M 225.5M, N 250.6M parameters."""
 
     num_heads: int = 12
     ffn_size: int = 3072
@@ -118,7 +129,8 @@ class AlignerConfig:
     num_queries: int = 77
     """Length of M's output: the CLIP-text sequence length the U-Net expects."""
     max_source_positions: int = 32768
-    """Rows of the learned position tables and of N's query table (the original code uses 32768)."""
+    """Rows of the learned position tables and of N's query table (the original code uses 32768). Positions
+    are counted from row 2 (fairseq's convention), so M and N take at most max_source_positions - 2 states."""
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -184,6 +196,9 @@ class ModelConfig:
         _check(self.clip_max_tokens == self.aligner.num_queries,
                f"model.clip_max_tokens ({self.clip_max_tokens}) must equal model.aligner.num_queries "
                f"({self.aligner.num_queries}): M must produce one vector per CLIP token")
+        _check(self.aligner.max_source_positions >= self.llm.max_positions + 2,
+               f"model.aligner.max_source_positions ({self.aligner.max_source_positions}) must be at least "
+               f"model.llm.max_positions + 2 ({self.llm.max_positions + 2}): the aligner's positions start at row 2")
         _check(self.diffusion_dtype in ("float32", "float16", "bfloat16"),
                f"model.diffusion_dtype must be float32, float16 or bfloat16, got {self.diffusion_dtype!r}")
 
@@ -241,8 +256,8 @@ class DataConfig:
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
-# The paper preset's repeated blocks: Llama decoder layers, timm ViT blocks, the aligner's torch layers.
-DEFAULT_WRAP_LAYERS = ["LlamaDecoderLayer", "Block", "TransformerEncoderLayer", "TransformerDecoderLayer"]
+# The paper preset's repeated blocks: Llama decoder layers, timm ViT blocks, the aligner's encoder/decoder layers.
+DEFAULT_WRAP_LAYERS = ["LlamaDecoderLayer", "Block", "AlignerEncoderLayer", "AlignerDecoderLayer"]
 
 
 @dataclass
@@ -263,7 +278,7 @@ class TrainerConfig:
     """Write checkpoints/step-N.ckpt and last.ckpt every N steps; also the data stream's re-seed interval."""
     deterministic: bool = False
     activation_checkpointing: bool = False
-    """Recompute the MLLM's decoder layers (and ViT blocks) in backward: less memory, ~30% more compute.
+    """Recompute the MLLM's decoder layers, ViT blocks and aligner layers in backward: less memory, ~30% more compute.
     Under fsdp the strategy does it instead, on `checkpoint_layers`."""
     max_bad_steps: int = 10
     """A non-finite loss or gradient skips the step; this many in a row stops the run with an error."""

@@ -276,7 +276,7 @@ def build_tiny_pipeline(seed: int = 0, image_size: int = 32, cross_attention_dim
     torch.manual_seed(seed)
     mllm = build_mllm(model_cfg, tokenizer).eval()
     aligner = AlignerNet(llm_dim=model_cfg.llm.hidden_size, clip_dim=cross_attention_dim, num_heads=4, ffn_size=128,
-                         encoder_layers=1, decoder_layers=1, max_source_positions=model_cfg.llm.max_positions).eval()
+                         encoder_layers=1, decoder_layers=1, max_source_positions=model_cfg.llm.max_positions + 2).eval()
     pipe = KosmosGPipeline(mllm=mllm, processor=processor, aligner=aligner, unet=diffusion.unet, vae=diffusion.vae,
                            scheduler=diffusion.noise_scheduler)
     pipe.set_progress_bar_config(disable=True)

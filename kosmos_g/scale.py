@@ -44,6 +44,8 @@ LAYER_CLASSES = {
     "Block": "timm.models.vision_transformer:Block",
     "TransformerEncoderLayer": "torch.nn:TransformerEncoderLayer",
     "TransformerDecoderLayer": "torch.nn:TransformerDecoderLayer",
+    "AlignerEncoderLayer": "kosmos_g.models.aligner:AlignerEncoderLayer",
+    "AlignerDecoderLayer": "kosmos_g.models.aligner:AlignerDecoderLayer",
     "CLIPEncoderLayer": "transformers.models.clip.modeling_clip:CLIPEncoderLayer",
     "BasicTransformerBlock": "diffusers.models.attention:BasicTransformerBlock",
     "ResnetBlock2D": "diffusers.models.resnet:ResnetBlock2D",

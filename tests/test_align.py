@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kosmos_g.config import load_config
+from kosmos_g.config import ConfigError, load_config
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.mllm import MultimodalLM
 from kosmos_g.processor import KosmosGProcessor
@@ -28,7 +28,7 @@ def test_only_the_aligner_trains(align):
     module, _ = align
     expected = sorted(f"aligner.{n}" for n, _ in module.aligner.named_parameters())
     assert sorted(trainable_names(module)) == expected
-    assert any(n.startswith("aligner.m_") for n in expected) and any(n.startswith("aligner.n_") for n in expected)
+    assert "aligner.encoder_query" in expected and "aligner.decoder_query" in expected  # M and N
     optimised = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
     assert optimised == {id(p) for p in module.aligner.parameters()}
     module.train()
@@ -43,7 +43,7 @@ def test_step_updates_aligner_and_leaves_frozen_parts_unchanged(align):
     frozen = {n: p.clone() for n, p in module.named_parameters() if not n.startswith("aligner.")}
     opt = module.configure_optimizers()["optimizer"]
     module.train()
-    before = module.aligner.m_queries.detach().clone()
+    before = module.aligner.encoder_query.detach().clone()
     module.log_dict = lambda *a, **k: None  # no trainer attached
     loss = module.training_step(batch, 0)
     loss.backward()
@@ -51,21 +51,63 @@ def test_step_updates_aligner_and_leaves_frozen_parts_unchanged(align):
     for g in opt.param_groups:
         g["lr"] = 1e-3
     opt.step()
-    assert not torch.equal(before, module.aligner.m_queries)
+    assert not torch.equal(before, module.aligner.encoder_query)
     assert all(torch.equal(p, frozen[n]) for n, p in module.named_parameters() if n in frozen)
 
 
-def test_reconstruction_is_scaled_by_77_over_length(align):
+def _losses(module, batch, weighting):
+    """The step's loss with only the reconstruction term, and everything it logged."""
+    module.cfg.stage.target_weight, module.cfg.stage.recon_weight = 0.0, 1.0
+    module.cfg.stage.recon_weighting = weighting
+    logged = {}
+    module.log_dict = lambda d, **k: logged.update({k_: float(v.detach()) for k_, v in d.items()})
+    torch.manual_seed(0)
+    return module.training_step(batch, 0), logged
+
+
+def _expected_terms(module, batch):
+    """N(M(s)) and s for the batch, computed here from the parts (the reference for both weightings)."""
+    with torch.no_grad():
+        s = module.mllm.encode(batch["input_ids"], batch["attention_mask"])
+        recon = module.aligner.reconstruct(module.aligner.encode(s, batch["attention_mask"] == 0), s.shape[1])
+    return recon, s, batch["attention_mask"].float()
+
+
+def test_reconstruction_is_the_official_padded_batch_mean_times_77_over_length(align):
+    """Default: F.mse_loss over the whole padded batch (pad positions included) * 77 / L, as `rec_loss` in the
+    original unilm/models/aligner.py."""
+    module, data = align
+    assert module.cfg.stage.recon_weighting == "official"
+    batch = next(iter(data.train_dataloader()))
+    mask = batch["attention_mask"]
+    assert (mask.sum(1) < mask.shape[1]).any()  # the batch really is padded
+    module.eval()  # no dropout: the reference below is computed without it
+    loss, logged = _losses(module, batch, "official")
+    recon, s, _ = _expected_terms(module, batch)
+    L = s.shape[1]
+    expected = ((recon - s) ** 2).mean() * 77 / L
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    assert logged["align/recon_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert logged["align/recon_mse"] == pytest.approx(float(((recon - s) ** 2).mean()), rel=1e-5)
+
+
+def test_per_sample_reconstruction_weighting_counts_real_tokens_only(align):
     module, data = align
     batch = next(iter(data.train_dataloader()))
-    module.cfg.stage.target_weight, module.cfg.stage.recon_weight = 0.0, 1.0
-    logged = {}
-    module.log_dict = lambda d, **k: logged.update({k_: float(v) for k_, v in d.items()})
-    loss = module.training_step(batch, 0)
-    lengths = batch["attention_mask"].sum(1).float()
-    assert torch.isclose(loss, torch.tensor(logged["align/recon_loss"]))
-    # every caption has its own length, so the scaled loss differs from the plain mean MSE
-    assert logged["align/recon_loss"] > logged["align/recon_mse"] * 77 / lengths.max().item() * 0.99
+    module.eval()
+    loss, logged = _losses(module, batch, "per_sample")
+    recon, s, mask = _expected_terms(module, batch)
+    lengths = mask.sum(1)
+    per_caption = (((recon - s) ** 2).mean(-1) * mask).sum(1) / lengths
+    expected = (per_caption * 77 / lengths).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    official, _ = _losses(module, batch, "official")
+    assert not torch.isclose(loss, official, rtol=1e-3)  # the two weightings really differ on a padded batch
+
+
+def test_unknown_reconstruction_weighting_is_a_config_error(tiny_overrides):
+    with pytest.raises(ConfigError, match="stage.recon_weighting must be one of official, per_sample"):
+        load_config(["stage=align", *tiny_overrides, "stage.recon_weighting=paper"])
 
 
 def test_train_py_runs_align_end_to_end_and_resumes(tiny_overrides, tmp_path):

@@ -51,8 +51,9 @@ def stage_config(stage: str, root: Path, run_name: str, batch_size: int, extra: 
                        f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
                        "stage.cfg_dropout=0.0", *extra])
     if stage == "align":
-        # AlignerNet's N runs its encoder over padded positions without a mask, so its reconstruction
-        # depends on the batch's padded length (half-batches pad less): compare the target term only.
+        # AlignerNet's N has no padding mask (as the original) and the official reconstruction loss averages
+        # over the padded batch x 77/L, so it depends on the batch's padded length (half-batches pad less):
+        # compare the target term only.
         cfg.stage.recon_weight = 0.0
     for s in cfg.data.mixture:  # one kind: the mixture draws no random kinds (override keys cannot do this)
         cfg.data.mixture[s] = {"caption": 1.0}

@@ -160,7 +160,7 @@ def poison(monkeypatch, bad_steps, kind: str = "loss"):
             if kind == "loss":
                 return loss * float("nan")
             # finite value, nan gradient: d sqrt(x)/dx at 0 is inf, times 0
-            return loss + torch.sqrt((self.aligner.m_queries * 0).sum())
+            return loss + torch.sqrt((self.aligner.encoder_query * 0).sum())
         return loss
 
     monkeypatch.setattr(AlignerModule, "training_step", training_step)

@@ -26,10 +26,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
 from benchmarks import memory_plan  # noqa: E402
 from kosmos_g.config import ConfigError, load_config
+from kosmos_g.models.aligner import AlignerDecoderLayer, AlignerEncoderLayer
 from kosmos_g.scale import build_strategy, ignored_modules, layer_classes, prepare_module
 from kosmos_g.stages.common import configure_adamw, trainable_names, trainable_state_dict
 
-PAPER_UNITS = {LlamaDecoderLayer, Block, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer}
+PAPER_UNITS = {LlamaDecoderLayer, Block, AlignerEncoderLayer, AlignerDecoderLayer}
 
 
 def trainer_cfg(preset: str, *overrides: str):
@@ -86,9 +87,9 @@ def test_unknown_layer_class_is_a_config_error():
 
 @pytest.mark.parametrize("stage,units,ignored", [
     ("mllm", {LlamaDecoderLayer: 24, Block: 24}, []),
-    ("align", {LlamaDecoderLayer: 24, Block: 24, nn.TransformerEncoderLayer: 24, nn.TransformerDecoderLayer: 24},
+    ("align", {LlamaDecoderLayer: 24, Block: 24, AlignerEncoderLayer: 24, AlignerDecoderLayer: 24},
      ["text_encoder"]),
-    ("instruct", {LlamaDecoderLayer: 24, Block: 24, nn.TransformerEncoderLayer: 24, nn.TransformerDecoderLayer: 24},
+    ("instruct", {LlamaDecoderLayer: 24, Block: 24, AlignerEncoderLayer: 24, AlignerDecoderLayer: 24},
      ["diffusion"]),
 ])
 def test_wrap_policy_on_the_paper_model(paper, stage, units, ignored):
@@ -182,10 +183,13 @@ def test_strategy_activation_checkpointing_recomputes_the_same_gradients(tiny):
 def test_prepare_module_hands_checkpointing_to_fsdp(tiny):
     module = copy.deepcopy(tiny)
     module.mllm.set_activation_checkpointing(True)
+    module.aligner.set_activation_checkpointing(True)
     prepare_module(module, trainer_cfg("ddp", "trainer.activation_checkpointing=true"))
     assert module.mllm.lm.model.gradient_checkpointing  # ddp: the model's own checkpointing stays
+    assert module.aligner.is_gradient_checkpointing
     prepare_module(module, trainer_cfg("a100_fsdp"))
     assert not module.mllm.lm.model.gradient_checkpointing and not module.mllm.vision.vit.grad_checkpointing
+    assert not module.aligner.is_gradient_checkpointing
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
 """Stage 2, `stage=align`: AlignerNet learns to map the frozen MLLM's states to the U-Net's CLIP-text space.
 
-Text only. For a caption c, with s = MLLM(`<s> c </s>`) and t = CLIPText(c) (77 x d_clip):
+Text only. For a batch of captions, with s = MLLM(prompts) [B, L, d_llm] right-padded to L (pads masked in M)
+and t = CLIPText(captions) [B, 77, d_clip]:
 
-    loss = target_weight * MSE(M(s), t) + recon_weight * MSE(N(M(s)), s) * 77 / len(s)
+    loss = target_weight * MSE(M(s), t) + recon_weight * recon
 
+    recon (stage.recon_weighting=official, the default; the original code's `rec_loss`)
+          = MSE(N(M(s)), s) over all B x L x d_llm entries, pad positions included, * 77 / L
+    recon (per_sample) = mean over captions of [MSE over the caption's real tokens * 77 / its length]
+
+MSE is F.mse_loss's plain mean. The original sums the two terms unweighted (the default weights, 1 and 1).
 Only AlignerNet (M and N) trains; the MLLM and the CLIP text encoder are frozen and kept in eval mode.
 """
 
@@ -60,6 +66,18 @@ class AlignFeatures:
         return batch
 
 
+def reconstruction_loss(recon: torch.Tensor, states: torch.Tensor, attention_mask: torch.Tensor, num_queries: int,
+                        weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain MSE, weighted reconstruction loss) of N's output against the MLLM states (module docstring)."""
+    if weighting == "official":
+        mse = F.mse_loss(recon, states)                                   # every position, pads included
+        return mse, mse * num_queries / states.shape[1]
+    mask = attention_mask.float()
+    lengths = mask.sum(1)
+    per_caption = (((recon - states) ** 2).mean(-1) * mask).sum(1) / lengths  # real tokens only
+    return per_caption.mean(), (per_caption * num_queries / lengths).mean()
+
+
 class AlignerModule(L.LightningModule):
     def __init__(self, mllm, text_encoder, aligner: AlignerNet, cfg: TrainConfig, export_sources: dict):
         super().__init__()
@@ -67,6 +85,7 @@ class AlignerModule(L.LightningModule):
         self.mllm = freeze(mllm)
         self.text_encoder = freeze(text_encoder)
         self.aligner = aligner.train()  # the only trainable part
+        self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.export_sources = export_sources
         self.strict_loading = False  # checkpoints hold the aligner only; frozen parts come from their exports
 
@@ -87,18 +106,15 @@ class AlignerModule(L.LightningModule):
 
         padding = attention_mask == 0
         condition = self.aligner.encode(s, padding_mask=padding)                         # M(s): [B, 77, d_clip]
-        target_mse = F.mse_loss(condition, target)
+        target_mse = F.mse_loss(condition.float(), target)
 
-        recon = self.aligner.reconstruct(condition, s.shape[1], padding)                 # N(M(s)): [B, L, d_llm]
-        mask = attention_mask.float()
-        lengths = mask.sum(1)
-        recon_mse = (((recon - s) ** 2).mean(-1) * mask).sum(1) / lengths                # per sample, real tokens
-        # The paper scales the reconstruction by 77 / len(s): short captions weigh as much as the target term.
-        recon_loss = (recon_mse * self.cfg.model.clip_max_tokens / lengths).mean()
+        recon = self.aligner.reconstruct(condition, s.shape[1])                          # N(M(s)): [B, L, d_llm]
+        recon_mse, recon_loss = reconstruction_loss(recon.float(), s.float(), attention_mask,
+                                                    self.cfg.model.clip_max_tokens, self.cfg.stage.recon_weighting)
 
         loss = self.cfg.stage.target_weight * target_mse + self.cfg.stage.recon_weight * recon_loss
         cosine = F.cosine_similarity(condition.detach(), target, dim=-1).mean()
-        self.log_dict({"train/loss": loss, "align/target_mse": target_mse, "align/recon_mse": recon_mse.mean(),
+        self.log_dict({"train/loss": loss, "align/target_mse": target_mse, "align/recon_mse": recon_mse,
                        "align/recon_loss": recon_loss, "align/cosine": cosine}, prog_bar=True)
         return loss
 

@@ -97,17 +97,12 @@ class ScoreDistillTuner(L.LightningModule):
         self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
         self.mllm.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.aligner = aligner
-        self.lock_aligner_n()
+        self.aligner.lock_reconstruction()  # only M trains: N is not part of the stage-3 graph
+        self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.diffusion = diffusion.freeze()  # U-Net and VAE: no gradients, eval mode, never optimised
         self.empty_prompt = processor.collate([processor("")])  # the null condition's input, `<s></s>`
         self.sample_prompts: list | None = None  # fixed at the first batch, reused for every sample grid
         self.strict_loading = False
-
-    def lock_aligner_n(self) -> None:
-        """Train only M: the reconstruction half N is not part of the stage-3 graph."""
-        self.aligner.requires_grad_(False)
-        for p in self.aligner.m_parameters():
-            p.requires_grad_(True)
 
     def cfg_drop_mask(self, batch_size: int) -> torch.Tensor:
         """True where the condition is replaced by the null one (probability `stage.cfg_dropout`)."""
