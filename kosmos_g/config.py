@@ -8,6 +8,7 @@ Hydra merges `configs/train.yaml` and the chosen group files (`stage/`, `model/`
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional, get_origin, get_type_hints
@@ -69,7 +70,14 @@ class StageConfig:
     name: str = MISSING
     """One of mllm, align, instruct (set by the `stage=` group choice)."""
     batch_size: int = 8
-    """Per-device batch size."""
+    """Per-device micro-batch: the samples one forward holds. With `global_batch_size` set, the largest one
+    that fits a device: at start-up it is lowered, if needed, to divide this device's share evenly."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all devices (stage mllm: tokens, in rows of `data.max_text_tokens`).
+    The micro-batch and `accumulate_grad_batches` follow from it for the world size at launch. None: the
+    global batch is batch_size x devices, without accumulation."""
+    accumulate_grad_batches: int = 1
+    """Derived from `global_batch_size` at start-up (micro-batches per optimizer step); do not set it."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     target_weight: float = 1.0
     """align: weight of MSE(M(s), CLIP-text(caption))."""
@@ -90,6 +98,7 @@ class StageConfig:
     def __post_init__(self):
         _check(self.name in STAGES, f"stage.name must be one of {', '.join(STAGES)}; got {self.name!r}")
         _check(self.batch_size > 0, "stage.batch_size must be > 0")
+        _check(self.global_batch_size is None or self.global_batch_size > 0, "stage.global_batch_size must be > 0")
         _check(self.target_weight >= 0 and self.recon_weight >= 0, "stage loss weights must be >= 0")
         _check(self.recon_weighting in RECON_WEIGHTINGS, f"stage.recon_weighting must be one of "
                f"{', '.join(RECON_WEIGHTINGS)}, got {self.recon_weighting!r}")
@@ -375,6 +384,63 @@ class TrainConfig:
     def __post_init__(self):
         _check(bool(self.run_name) and "/" not in self.run_name,
                f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        derive_batch(self)
+
+
+def world_size(t: TrainerConfig) -> int:
+    """Processes of the launch: trainer.devices x trainer.num_nodes; `auto` reads the launcher's WORLD_SIZE,
+    else counts this node's GPUs (1 on a CPU)."""
+    if isinstance(t.devices, (list, tuple)) or (isinstance(t.devices, str) and "," in t.devices):
+        per_node = len(t.devices if isinstance(t.devices, (list, tuple)) else t.devices.strip(",").split(","))
+    elif str(t.devices) in ("auto", "-1"):
+        if "WORLD_SIZE" in os.environ:
+            return int(os.environ["WORLD_SIZE"])
+        import torch
+
+        per_node = (torch.cuda.device_count() if t.accelerator in ("gpu", "cuda", "auto") else 0) or 1
+    else:
+        per_node = int(t.devices)
+    return per_node * t.num_nodes
+
+
+def derive_batch(cfg: TrainConfig) -> None:
+    """From `stage.global_batch_size`: this device's micro-batch and the gradient accumulation (in place).
+
+    The per-device share (global / world size) must be whole; it is split into the fewest micro-batches of
+    at most `stage.batch_size`. Stage mllm counts tokens: rows of `data.max_text_tokens` tokens each.
+    """
+    s, world = cfg.stage, world_size(cfg.trainer)
+    if s.global_batch_size is None:
+        s.accumulate_grad_batches = 1
+        return
+    rows, unit = s.global_batch_size, "samples"
+    if s.name == "mllm":
+        row = cfg.data.max_text_tokens
+        _check(s.global_batch_size % row == 0,
+               f"stage.global_batch_size={s.global_batch_size} tokens is not a whole number of "
+               f"{row}-token rows (data.max_text_tokens); use a multiple of {row}")
+        rows, unit = s.global_batch_size // row, f"rows of {row} tokens"
+    if rows % world:
+        per_row = cfg.data.max_text_tokens if s.name == "mllm" else 1
+        near = sorted({max(1, rows // world) * world, (rows // world + 1) * world})
+        raise ConfigError(
+            f"stage.global_batch_size={s.global_batch_size} ({rows} {unit}) does not split evenly over {world} "
+            f"devices (trainer.devices x trainer.num_nodes); set stage.global_batch_size to "
+            f"{' or '.join(str(n * per_row) for n in near)}, or use another device count")
+    share = rows // world
+    accumulate = -(-share // s.batch_size)
+    while share % accumulate:
+        accumulate += 1
+    s.batch_size, s.accumulate_grad_batches = share // accumulate, accumulate
+
+
+def batch_summary(cfg: TrainConfig) -> str:
+    """One line for start-up: how the global batch is made on this launch."""
+    s, world = cfg.stage, world_size(cfg.trainer)
+    per_step = s.batch_size * s.accumulate_grad_batches * world
+    unit = f" rows x {cfg.data.max_text_tokens} tokens" if s.name == "mllm" and s.global_batch_size else ""
+    return (f"batch: global {per_step}{unit} per step = {world} device(s) x micro-batch {s.batch_size} x "
+            f"accumulation {s.accumulate_grad_batches}")
 
 
 def register_configs() -> None:
@@ -401,7 +467,7 @@ def _field_type(dotted: str) -> Any:
     return node
 
 
-def check_override_keys(overrides: list[str]) -> None:
+def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
     """Fail early, with the allowed keys and a guess, on an override naming no schema key.
 
     Hydra also rejects such keys, but names neither the keys it would accept nor the likely typo.
@@ -411,6 +477,8 @@ def check_override_keys(overrides: list[str]) -> None:
         if "=" not in ov or ov.startswith(("hydra", "+hydra", "~", "--")):
             continue
         key = ov.split("=", 1)[0].lstrip("+")
+        if (config_dir / key).is_dir():  # a config group choice, e.g. recipe=paper/align
+            continue
         free_form = [k for k in allowed if get_origin(_field_type(k)) is dict]  # e.g. data.shards.<kind>
         if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
             continue
@@ -438,7 +506,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 def load_config(overrides: list[str] = (), config_dir: Path = CONFIG_DIR) -> TrainConfig:
     """Compose `configs/train.yaml` with command-line style overrides, as `train.py` does (for tests, notebooks)."""
     overrides = list(overrides)
-    check_override_keys(overrides)
+    check_override_keys(overrides, config_dir)
     register_configs()
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         try:

@@ -17,7 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kosmos_g.config import CONFIG_DIR, ConfigError, TrainConfig, load_config, register_configs, to_train_config
+from kosmos_g.config import (CONFIG_DIR, ConfigError, TrainConfig, batch_summary, load_config, register_configs,
+                             to_train_config)
 
 # Nothing is ever downloaded at run time: weights come from local paths only (export HF_HUB_OFFLINE=0
 # to allow the Hub on purpose). tests/test_bad_input.py fails if a training run opens any connection.
@@ -103,8 +104,11 @@ def run(cfg: TrainConfig) -> Path | None:
     if ckpt:
         check_checkpoint_fits(ckpt, ckpt_info, stage, module)
     datamodule.check_sources()  # an empty or unreadable dataset is refused before anything is written
-    datamodule.start_step = ckpt_info["global_step"] if ckpt else 0
-    datamodule.segment_steps, datamodule.fast_forward = t.checkpoint_every_n_steps, t.exact_data_resume
+    # The data stream counts micro-batches: accumulation makes each optimizer step several of them.
+    accumulate = cfg.stage.accumulate_grad_batches
+    datamodule.start_step = (ckpt_info["global_step"] if ckpt else 0) * accumulate
+    datamodule.segment_steps = t.checkpoint_every_n_steps * accumulate
+    datamodule.fast_forward = t.exact_data_resume
     prepare_module(module, t)
 
     # From here on the run folder changes (first process only; the others wait in Trainer.fit).
@@ -113,16 +117,17 @@ def run(cfg: TrainConfig) -> Path | None:
         if cfg.resume == "none" and (aside := move_aside(paths.checkpoints)):
             print(f"[train] resume=none: moved the old checkpoints to {aside}")
         paths.stage_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[train] stage={stage} {batch_summary(cfg)}")
         (paths.stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     preemption = Preemption(t.preempt_signals, paths.checkpoints / "last.ckpt")
     clip_val, clip_callbacks = gradient_clipping(strategy, cfg.stage.optim.grad_clip)
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, gradient_clip_val=clip_val,
+        deterministic=t.deterministic, gradient_clip_val=clip_val, accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(str(paths.stage_dir), name="tensorboard", version="", default_hp_metric=False),
         callbacks=[
-            StepSeed(cfg.seed),
+            StepSeed(cfg.seed, accumulate),
             ModelCheckpoint(dirpath=paths.checkpoints, filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
                             save_top_k=-1, save_last=True, auto_insert_metric_name=False),
             LearningRateMonitor(logging_interval="step"),
@@ -159,6 +164,14 @@ def _fail(e: ConfigError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    job = _cfg_job_overrides(argv)
+    if job is not None:  # --cfg job: the validated config, with what start-up derives from it
+        try:
+            cfg = load_config(job)
+        except ConfigError as e:
+            _fail(e)
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)) + f"# {batch_summary(cfg)}")
+        return
     if any(a.startswith("-") for a in argv):
         return _hydra_main(argv)  # --help, --cfg job, --multirun ...: Hydra's own command line
     try:
@@ -166,6 +179,15 @@ def main(argv: list[str] | None = None) -> None:
         _run_or_exit(cfg)
     except ConfigError as e:
         _fail(e)
+
+
+def _cfg_job_overrides(argv: list[str]) -> list[str] | None:
+    """The overrides of a `--cfg job` (or `-c job`) command line, else None (other flags go to Hydra)."""
+    for i, a in enumerate(argv[:-1]):
+        if a in ("--cfg", "-c") and argv[i + 1] == "job":
+            rest = argv[:i] + argv[i + 2:]
+            return rest if not any(r.startswith("-") for r in rest) else None
+    return None
 
 
 def _run_or_exit(cfg: TrainConfig) -> None:

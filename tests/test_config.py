@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_shipped_yaml_is_in_a_group():
     shipped = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")}
     grouped = {f"{g}/{n}.yaml" for g, names in GROUPS.items() for n in names} | {"train.yaml"}
-    assert shipped == grouped
+    recipes = {f"recipe/{m}/{s}.yaml" for m in GROUPS["model"] for s in GROUPS["stage"]}  # one per model x stage
+    assert shipped == grouped | recipes
     assert GROUPS["stage"] == ["align", "instruct", "mllm"]
     assert {"tiny", "paper"} <= set(GROUPS["model"])
 
@@ -34,6 +35,7 @@ def test_every_stage_model_combination_validates():
     for stage, model in itertools.product(GROUPS["stage"], GROUPS["model"]):
         cfg = load_config([f"stage={stage}", f"model={model}"])
         assert cfg.stage.name == stage and cfg.model.clip_max_tokens == cfg.model.aligner.num_queries == 77
+        assert load_config([f"stage={stage}", f"model={model}", f"recipe={model}/{stage}"]) == cfg  # the recipe follows
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():

@@ -157,7 +157,7 @@ def _all_reduce(values: list[float], trainer, op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
+def step_seed(seed: int, rank: int, step: int | str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}-{rank}-{step}".encode()).digest()[:8], "little") >> 1
 
 
@@ -167,14 +167,17 @@ class StepSeed(L.Callback):
     The randomness of a step (noise and timesteps in stage instruct, classifier-free-guidance drops,
     dropout) is then a function of the step alone: a resumed run draws what the uninterrupted one drew,
     without saving RNG states, and every rank draws different noise (one seed on all ranks would give
-    all GPUs the same timesteps). Data order has its own seeds (kosmos_g.data.datamodule).
+    all GPUs the same timesteps). Data order has its own seeds (kosmos_g.data.datamodule). With gradient
+    accumulation each micro-batch of a step gets its own seed (checkpoints fall on step boundaries, so
+    `batch_idx % accumulate` is the micro-batch's index in its step, also after a resume).
     """
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, accumulate: int = 1):
+        self.seed, self.accumulate = seed, accumulate
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        s = step_seed(self.seed, trainer.global_rank, trainer.global_step)
+        micro = batch_idx % self.accumulate
+        s = step_seed(self.seed, trainer.global_rank, trainer.global_step if not micro else f"{trainer.global_step}.{micro}")
         torch.manual_seed(s)  # all devices
         random.seed(s)
         np.random.seed(s % 2**32)
@@ -295,11 +298,19 @@ class StepLog(L.Callback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._loss, self._step = 0.0, None
+
+    def on_train_start(self, trainer, pl_module):
+        self._loss, self._step = 0.0, trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        value = float(loss.detach().float()) if torch.is_tensor(loss) else float("nan")
-        value = _all_reduce([value], trainer)[0] / max(trainer.world_size, 1)
+        # Lightning hands over each micro-batch's loss divided by the accumulation: their sum is the step's mean.
+        self._loss += float(loss.detach().float()) if torch.is_tensor(loss) else float("nan")
+        if trainer.global_step == self._step:
+            return  # accumulating: the optimizer step is not done yet
+        value = _all_reduce([self._loss], trainer)[0] / max(trainer.world_size, 1)
+        self._loss, self._step = 0.0, trainer.global_step
         if trainer.is_global_zero:
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
             with open(self.path, "a") as f:
