@@ -9,9 +9,12 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# The second pip line is test-only: pip torchscale, the independent reference for the original Kosmos-G
+# decoder (tests/test_official.py). --no-deps because torchscale pins an old timm; it needs only torch and fairscale.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torchscale==0.3.0 fairscale==0.4.0
 	touch $(STAMP)
 
 demo: $(STAMP)
