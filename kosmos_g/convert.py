@@ -55,11 +55,24 @@ def load_tokenizer(folder: Path, vocab_size: int):
     return tokenizer
 
 
-def _diffusers_part(cls, sd: dict, config: dict):
-    with torch.device("meta"):
-        model = cls.from_config(config)
+def load_exactly(model, sd: dict, what: str, source: str):
+    """`load_state_dict(strict, assign)` on a meta-built model; a misfit is one error line naming the first keys."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    wrong = [f"{k} {list(sd[k].shape)} vs {list(own[k])}" for k in sorted(set(own) & set(sd))
+             if tuple(sd[k].shape) != own[k]]
+    if missing or unexpected or wrong:
+        raise OfficialCheckpointError(
+            f"{source}: its {what} weights do not fit {type(model).__name__}: {len(missing)} missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of other shape {wrong[:2]}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
+
+
+def _diffusers_part(cls, sd: dict, config: dict, what: str, source: str):
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return load_exactly(model, sd, what, source)
 
 
 def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir: Path | None, step: int = 0,
@@ -77,7 +90,7 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
     parts, kind = conversion.parts, conversion.kind
     with torch.device("meta"):
         mllm = Kosmos2ForConditionalGeneration(mllm_config)  # LEAD: swap for kosmos_g.models.mllm.MultimodalLM
-    mllm.load_state_dict(parts["mllm"], strict=True, assign=True)  # shape or name mismatch -> error here
+    load_exactly(mllm, parts["mllm"], "MLLM", source)
     vision = mllm_config.vision_config
     writers = {"mllm": lambda path: mllm.save_pretrained(path)}
 
@@ -110,7 +123,7 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
         for name, cls, default in (("unet", UNet2DConditionModel, SD15_UNET), ("vae", AutoencoderKL, SD15_VAE)):
             if name in parts:
                 config = cls.load_config(sd_dir / name) if sd_dir else default
-                model = _diffusers_part(cls, parts[name], config)
+                model = _diffusers_part(cls, parts[name], config, name, source)
                 writers[name] = lambda path, model=model: model.save_pretrained(path)
             elif sd_dir is not None:
                 writers[name] = copy_part(sd_dir / name)

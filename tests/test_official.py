@@ -277,6 +277,47 @@ def test_the_safe_loader_reads_fairseq_extras_and_leaves_the_optimizer_state(tmp
     assert loaded.cfg["model"].decoder_attention_heads == ref.SIZES["heads"]
 
 
+def test_objects_of_fairseq_classes_load_as_inert_data_without_fairseq(tmp_path, monkeypatch):
+    """fairseq's config enums / meters may sit in cfg and extra_state; fairseq is not installed to rebuild them."""
+    import enum
+    import types
+    module = types.ModuleType("fairseq.dataclass.constants")
+
+    class DDPBackend(enum.Enum):
+        no_c10d = "no_c10d"
+
+    class Meter:
+        def __init__(self):
+            self.sum = 3.0
+    for cls in (DDPBackend, Meter):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
+    for name in ("fairseq", "fairseq.dataclass", "fairseq.dataclass.constants"):
+        monkeypatch.setitem(sys.modules, name, module)
+    ckpt = _save({"model": {"gpt_model.decoder.layer_norm.weight": torch.ones(3)},
+                  "cfg": {"distributed_training": {"ddp_backend": DDPBackend.no_c10d}}, "extra_state": {"m": Meter()}},
+                 tmp_path / "c.pt")
+    for name in ("fairseq", "fairseq.dataclass", "fairseq.dataclass.constants"):
+        monkeypatch.delitem(sys.modules, name)
+    loaded = load_fairseq_checkpoint(ckpt)
+    backend = loaded.cfg["distributed_training"]["ddp_backend"]
+    assert backend.args == ("no_c10d",) and "fairseq.dataclass.constants.DDPBackend" in repr(backend)
+    assert "fairseq" not in sys.modules and torch.equal(loaded.model["gpt_model.decoder.layer_norm.weight"], torch.ones(3))
+
+
+def test_misfitting_weights_get_a_one_line_error(tmp_path, mllm_ref):
+    from kosmos_g.convert import load_exactly
+    conv = convert_state_dict(ref.original_state_dict(*mllm_ref), progress=False)
+    config = kosmos2_config(conv.parts["mllm"], text_heads=ref.SIZES["heads"])
+    del conv.parts["mllm"]["text_model.model.layers.1.ffn.fc1.bias"]
+    from transformers import Kosmos2ForConditionalGeneration
+    with torch.device("meta"):
+        model = Kosmos2ForConditionalGeneration(config)
+    with pytest.raises(OfficialCheckpointError, match=r"1 missing \['text_model.model.layers.1.ffn.fc1.bias'\]") as e:
+        load_exactly(model, conv.parts["mllm"], "MLLM", "ckpt.pt")
+    assert "\n" not in str(e.value)
+
+
 def test_unmatched_keys_fail_unless_allowed(mllm_ref):
     sd = {**ref.original_state_dict(*mllm_ref), "gpt_model.decoder.chunk_emb.weight": torch.zeros(2, 2)}
     with pytest.raises(OfficialCheckpointError, match="chunk_emb"):
@@ -300,4 +341,3 @@ def test_help_documents_every_option():
     options = [o for a in official._actions for o in a.option_strings]
     assert len(options) >= 9 and all(o in run.stdout for o in options)
     assert all(a.help for a in official._actions)
-    assert "fairseq" not in sys.modules  # converting never needs it
