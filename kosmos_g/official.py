@@ -310,7 +310,9 @@ def kosmos2_config(mllm: dict, text_heads: int | None = None, max_positions: int
 
     def shape(name):
         if name not in mllm:
-            raise OfficialCheckpointError(f"the checkpoint lacks {name} (an incomplete or different checkpoint)")
+            hint = ("; a checkpoint without the vision tower takes it from --vit ViT-L-14-sd.pt" if name.startswith(_VIS)
+                    else " (an incomplete or different checkpoint)")
+            raise OfficialCheckpointError(f"the checkpoint has no weight for {name}{hint}")
         return tuple(mllm[name].shape)
 
     vocab, width = shape("text_model.model.embed_tokens.weight")

@@ -324,6 +324,16 @@ def test_unmatched_keys_fail_unless_allowed(mllm_ref):
         convert_state_dict(sd, progress=False)
     conv = convert_state_dict(sd, allow_unmatched=True, progress=False)
     assert conv.unmatched == ["gpt_model.decoder.chunk_emb.weight"] and conv.kind == "stage1"
+    # open_clip's packed attention next to ts_attn (a tower built without --visual-pretrained): a dead copy
+    block = "img_model.visual.transformer.resblocks.0."
+    both = {**sd, block + "attn.in_proj_weight": torch.zeros(3, 2), block + "attn.out_proj.weight": torch.zeros(2, 2)}
+    conv = convert_state_dict(both, allow_unmatched=True, progress=False)
+    assert {block + "attn.in_proj_weight", block + "attn.out_proj.weight"} <= set(conv.dropped)
+    assert torch.equal(conv.parts["mllm"]["vision_model.model.encoder.layers.0.self_attn.out_proj.weight"],
+                       sd[block + "ts_attn.out_proj.weight"].float())
+    no_vision = {k: v for k, v in sd.items() if not k.startswith(("img_model.", "gpt_model.decoder.chunk_emb"))}
+    with pytest.raises(OfficialCheckpointError, match="--vit"):
+        kosmos2_config(convert_state_dict(no_vision, progress=False).parts["mllm"])
     untied = {**sd, "gpt_model.decoder.output_projection.weight": torch.zeros(ref.VOCAB, ref.SIZES["dim"])}
     with pytest.raises(OfficialCheckpointError, match="ties"):
         convert_state_dict(untied, allow_unmatched=True, progress=False)
