@@ -270,9 +270,13 @@ def test_wrong_files_get_a_one_line_error_naming_them(tmp_path, case):
             "empty": "empty", "missing": "no such file"}[case] in message
 
 
-def test_the_safe_loader_reads_fairseq_extras_and_leaves_the_optimizer_state(tmp_path):
+def test_the_safe_loader_reads_fairseq_extras_and_leaves_the_optimizer_state(tmp_path, monkeypatch):
     ckpt = _save(ref.fairseq_checkpoint({"gpt_model.decoder.layer_norm.weight": torch.ones(4)}), tmp_path / "c.pt")
+    calls, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or load(*a, **kw))
     loaded = load_fairseq_checkpoint(ckpt)  # Namespace, numpy scalars and an omegaconf container on the way
+    assert [(kw["weights_only"], kw["mmap"]) for kw in calls] == [(True, True)]
+    assert not hasattr(loaded, "last_optimizer_state") and "last_optimizer_state" not in vars(loaded)
     assert loaded.num_updates == 1234 and loaded.model["gpt_model.decoder.layer_norm.weight"].dtype == torch.float16
     assert loaded.cfg["model"].decoder_attention_heads == ref.SIZES["heads"]
 
