@@ -121,12 +121,16 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
 
     if kind == "final":
         for name, cls, default in (("unet", UNet2DConditionModel, SD15_UNET), ("vae", AutoencoderKL, SD15_VAE)):
+            folder = sd_dir / name if sd_dir is not None and (sd_dir / name).is_dir() else None
             if name in parts:
-                config = cls.load_config(sd_dir / name) if sd_dir else default
+                config = cls.load_config(folder) if folder else default
                 model = _diffusers_part(cls, parts[name], config, name, source)
                 writers[name] = lambda path, model=model: model.save_pretrained(path)
+            elif folder is not None:
+                writers[name] = copy_part(folder)
             elif sd_dir is not None:
-                writers[name] = copy_part(sd_dir / name)
+                raise OfficialCheckpointError(f"--sd {sd_dir}: has no {name}/ folder, and {source} holds no {name} "
+                                              "weights; pass a Stable Diffusion v1.5 diffusers folder")
             else:
                 raise OfficialCheckpointError(f"{source}: holds no {name} weights (diffusion_unet.unet.* / vae.vae.*) "
                                               "and no --sd was given; pass --sd <a Stable Diffusion v1.5 diffusers folder>")

@@ -285,7 +285,8 @@ def convert_state_dict(sd: dict, dtype: torch.dtype | None = torch.float32, allo
             continue
         part, target = hit
         value = sd[key]
-        conv.parts.setdefault(part, {})[target] = value if dtype is None else value.to(dtype)
+        cast = dtype is not None and value.is_floating_point()
+        conv.parts.setdefault(part, {})[target] = value.to(dtype) if cast else value
     mllm = conv.parts.get("mllm", {})
     tied, embed = mllm.get("text_model.lm_head.weight"), mllm.get("text_model.model.embed_tokens.weight")
     if embed is not None:
