@@ -5,8 +5,8 @@
     conv.kind                                                   # "stage1" | "stage2" | "final", from the keys
 
 Safety: the file is unpickled with `torch.load(weights_only=True)`, which builds only tensors and the
-containers in `SAFE_GLOBALS`; a pickle that names anything else (e.g. `os.system`) is refused before any of
-it runs. `mmap=True` leaves tensors on disk until touched: `last_optimizer_state` (several GB) is never read.
+containers `_safe_globals()` lists; a pickle that names anything else (e.g. `os.system`) is refused before any
+of it runs (the training code's own classes excepted: they become inert stand-ins, see `INERT_MODULES`). `mmap=True` leaves tensors on disk until touched: `last_optimizer_state` (several GB) is never read.
 
 Names (SPEC.md "Checkpoints", from microsoft/unilm 421c251 `kosmos-g/`): the MLLM goes to transformers'
 Kosmos-2 names (`Kosmos2ForConditionalGeneration`, as HF's own Kosmos-2 converter renames checkpoints of
@@ -116,9 +116,11 @@ def load_torch_file(path, what: str) -> dict:
             if name and name.split(".")[0] in INERT_MODULES and len(standins) < 64:
                 standins.append((_standin(name), name))  # the training code's own class: read as inert data
                 continue
-            if name:
+            corrupt = any(s in msg for s in ("Unsupported operand", "EOF", "truncated", "invalid load key"))
+            if name or ("Weights only load failed" in msg and not corrupt):
+                named = f"names {name}" if name else f"holds an object it may not build ({msg[-120:]})"
                 raise OfficialCheckpointError(
-                    f"{path}: refused, its pickle names {name}, which is outside the allowlist of tensors and plain "
+                    f"{path}: refused, its pickle {named}, outside the allowlist of tensors and plain "
                     f"containers; nothing in it was run. The released {what} needs nothing else: fetch it again "
                     "from the official link") from None
             raise OfficialCheckpointError(f"{path}: truncated or corrupt, it cannot be read as a torch checkpoint "

@@ -250,12 +250,16 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, capsys, zipped):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case", ["truncated", "text", "no_model", "empty", "missing"])
+@pytest.mark.parametrize("case", ["truncated", "truncated_legacy", "text", "no_model", "empty", "missing"])
 def test_wrong_files_get_a_one_line_error_naming_them(tmp_path, case):
     path = tmp_path / "checkpoint.pt"
     if case == "truncated":
         data = (_save(ref.fairseq_checkpoint({"gpt_model.decoder.x": torch.randn(3000)}), path)).read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif case == "truncated_legacy":  # torch < 1.6 wrote a bare pickle, no zip directory to miss
+        torch.save(ref.fairseq_checkpoint({"gpt_model.decoder.x": torch.randn(3000)}), path,
+                   _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:-5000])
     elif case == "text":
         path.write_text("<html>404 not found</html>")
     elif case == "no_model":
@@ -266,7 +270,7 @@ def test_wrong_files_get_a_one_line_error_naming_them(tmp_path, case):
         load_fairseq_checkpoint(path)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
-    assert {"truncated": "truncated", "text": "not a torch checkpoint", "no_model": "no `model`",
+    assert {"truncated": "truncated", "truncated_legacy": "truncated", "text": "not a torch checkpoint", "no_model": "no `model`",
             "empty": "empty", "missing": "no such file"}[case] in message
 
 
