@@ -76,7 +76,7 @@ def _diffusers_part(cls, sd: dict, config: dict, what: str, source: str):
 
 
 def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir: Path | None, step: int = 0,
-                          source: str = "") -> Path:
+                          source: str = "", aligner_heads: int = 12) -> Path:
     """Write the converted parts as the stage export of the checkpoint's kind (see the module docstring).
 
     The glue to the project's classes lives here and only here. LEAD (after merging the MultimodalLM /
@@ -113,7 +113,8 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
             (path / "config.json").write_text(json.dumps({
                 "_class_name": "AlignerNet", "llm_dim": aligner["encoder_proj.embed_tokens.weight"].shape[1],
                 "clip_dim": aligner["encoder_query"].shape[1], "num_queries": aligner["encoder_query"].shape[0],
-                "ffn_size": aligner["encoder.layers.0.ffn.fc1.weight"].shape[0], "num_heads": 12,
+                "ffn_size": aligner["encoder.layers.0.ffn.fc1.weight"].shape[0],
+                "num_heads": aligner_heads,  # not in the shapes; torchscale's EncoderDecoderConfig default
                 "encoder_layers": layers("encoder_proj"), "decoder_layers": layers("encoder"),
                 "max_source_positions": aligner["encoder_proj.embed_positions.weight"].shape[0],
                 "reconstruction": "decoder_query" in aligner}, indent=2))

@@ -65,10 +65,13 @@ def _reference_condition(mllm_ref, tokens, slots, pixels):
         return image_embeds, ref.text_forward(decoder, tokens, image_embeds, slots)
 
 
-def _converted_condition(folder: Path, tokens, slots, pixels):
+def _converted_condition(folder: Path, tokens, slots, pixels, connector=None):
     from transformers import Kosmos2Model
     model = Kosmos2Model.from_pretrained(folder).eval()
     with torch.no_grad():
+        if connector is not None:  # the connector alone, on the same vision features
+            features = torch.nn.functional.normalize(torch.randn(2, 5, ref.SIZES["v_width"]), dim=-1)
+            assert (model.image_to_text_projection(features)[0] - connector(features)).abs().max() <= 1e-5
         image_embeds = model.get_image_features(pixels).pooler_output
         out = model(pixel_values=pixels, input_ids=tokens, image_embeds_position_mask=slots.long(),
                     attention_mask=(tokens != ref.PAD).long())
@@ -154,7 +157,7 @@ def test_final_checkpoint_converts_to_a_pipeline_folder_computing_the_reference_
     assert {"mllm", "processor", "aligner", "unet", "vae", "scheduler", "model_index.json"} <= set(manifest["parts"])
     tokens, slots, pixels = ref.prompt_batch()
     want_images, want = _reference_condition(mllm_ref, tokens, slots, pixels)
-    got_images, got = _converted_condition(out / "mllm", tokens, slots, pixels)
+    got_images, got = _converted_condition(out / "mllm", tokens, slots, pixels, connector=mllm_ref[2])
     assert (got_images - want_images).abs().max() <= 1e-5  # vision tower + connector
     assert (got - want).abs().max() <= 1e-5  # every position, right padding included
     # the aligner: original names without `aligner.`, the fp16 values exactly
