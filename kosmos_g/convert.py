@@ -51,7 +51,8 @@ def load_tokenizer(folder: Path, vocab_size: int):
     tokenizer.add_special_tokens({"additional_special_tokens": ADDED_SPECIALS})
     if len(tokenizer) != vocab_size:
         raise OfficialCheckpointError(f"--tokenizer {folder}: gives {len(tokenizer)} ids but the checkpoint's "
-                                      f"embedding has {vocab_size} rows; use the tokenizer the checkpoint was trained with")
+                                      f"embedding has {vocab_size} rows; use the tokenizer the checkpoint was "
+                                      "trained with")
     return tokenizer
 
 
@@ -107,9 +108,12 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
         def write_aligner(path: Path) -> None:  # LEAD: AlignerNet(<config>) + load_state_dict + save_pretrained
             from safetensors.torch import save_file
             path.mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in aligner.items()}, str(path / "diffusion_pytorch_model.safetensors"))
-            layers = lambda p: 1 + max((int(k.split(".")[2]) for k in aligner if k.startswith(p + ".layers.")),  # noqa: E731
-                                       default=-1)
+            save_file({k: v.contiguous() for k, v in aligner.items()},
+                      str(path / "diffusion_pytorch_model.safetensors"))
+
+            def layers(prefix: str) -> int:
+                return 1 + max((int(k.split(".")[2]) for k in aligner if k.startswith(prefix + ".layers.")),
+                               default=-1)
             (path / "config.json").write_text(json.dumps({
                 "_class_name": "AlignerNet", "llm_dim": aligner["encoder_proj.embed_tokens.weight"].shape[1],
                 "clip_dim": aligner["encoder_query"].shape[1], "num_queries": aligner["encoder_query"].shape[0],
@@ -134,7 +138,8 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
                                               "weights; pass a Stable Diffusion v1.5 diffusers folder")
             else:
                 raise OfficialCheckpointError(f"{source}: holds no {name} weights (diffusion_unet.unet.* / vae.vae.*) "
-                                              "and no --sd was given; pass --sd <a Stable Diffusion v1.5 diffusers folder>")
+                                              "and no --sd was given; pass --sd <a Stable Diffusion v1.5 diffusers "
+                                              "folder>")
         scheduler_cfg = (DPMSolverMultistepScheduler.load_config(sd_dir / "scheduler")
                          if sd_dir and (sd_dir / "scheduler").is_dir() else SD15_SCHEDULER)
         # The original samples with DPM-Solver++ (diffusers 0.21, whose last step ends at sigma_min).

@@ -6,7 +6,8 @@
 
 Safety: the file is unpickled with `torch.load(weights_only=True)`, which builds only tensors and the
 containers `_safe_globals()` lists; a pickle that names anything else (e.g. `os.system`) is refused before any
-of it runs (the training code's own classes excepted: they become inert stand-ins, see `INERT_MODULES`). `mmap=True` leaves tensors on disk until touched: `last_optimizer_state` (several GB) is never read.
+of it runs (the training code's own classes excepted: they become inert stand-ins, see `INERT_MODULES`).
+`mmap=True` leaves tensors on disk until touched: `last_optimizer_state` (several GB) is never read.
 
 Names (SPEC.md "Checkpoints", from microsoft/unilm 421c251 `kosmos-g/`): the MLLM goes to transformers'
 Kosmos-2 names (`Kosmos2ForConditionalGeneration`, as HF's own Kosmos-2 converter renames checkpoints of

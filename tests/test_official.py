@@ -95,7 +95,8 @@ def test_inventory_maps_one_to_one_onto_paper_size_models(kind):
                                                  num_attention_heads=16, image_size=224, patch_size=14),
                               latent_query_num=64)
         target = Kosmos2ForConditionalGeneration(paper)
-    sd["gpt_model.decoder.output_projection.weight"] = sd["gpt_model.decoder.embed_tokens.weight"]  # one storage, as saved
+    # one storage, as torch.save keeps the tie
+    sd["gpt_model.decoder.output_projection.weight"] = sd["gpt_model.decoder.embed_tokens.weight"]
     conv = convert_state_dict(sd, dtype=None, progress=False)
     assert conv.kind == kind and not conv.unmatched
 
@@ -273,8 +274,8 @@ def test_wrong_files_get_a_one_line_error_naming_them(tmp_path, case):
         load_fairseq_checkpoint(path)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
-    assert {"truncated": "truncated", "truncated_legacy": "truncated", "text": "not a torch checkpoint", "no_model": "no `model`",
-            "empty": "empty", "missing": "no such file"}[case] in message
+    assert {"truncated": "truncated", "truncated_legacy": "truncated", "text": "not a torch checkpoint",
+            "no_model": "no `model`", "empty": "empty", "missing": "no such file"}[case] in message
 
 
 def test_the_safe_loader_reads_fairseq_extras_and_leaves_the_optimizer_state(tmp_path, monkeypatch):
@@ -313,7 +314,8 @@ def test_objects_of_fairseq_classes_load_as_inert_data_without_fairseq(tmp_path,
     loaded = load_fairseq_checkpoint(ckpt)
     backend = loaded.cfg["distributed_training"]["ddp_backend"]
     assert backend.args == ("no_c10d",) and "fairseq.dataclass.constants.DDPBackend" in repr(backend)
-    assert "fairseq" not in sys.modules and torch.equal(loaded.model["gpt_model.decoder.layer_norm.weight"], torch.ones(3))
+    assert "fairseq" not in sys.modules
+    assert torch.equal(loaded.model["gpt_model.decoder.layer_norm.weight"], torch.ones(3))
 
 
 def test_misfitting_weights_get_a_one_line_error(tmp_path, mllm_ref):
