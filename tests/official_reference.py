@@ -22,10 +22,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
-from torchscale.architecture.config import DecoderConfig, EncoderDecoderConfig
-from torchscale.architecture.decoder import Decoder
-from torchscale.architecture.encoder import Encoder
-from torchscale.component.embedding import PositionalEmbedding
+try:
+    from torchscale.architecture.config import DecoderConfig, EncoderDecoderConfig
+    from torchscale.architecture.decoder import Decoder
+    from torchscale.architecture.encoder import Encoder
+    from torchscale.component.embedding import PositionalEmbedding
+except ImportError as e:  # a test-only dependency that `make venv` installs with --no-deps
+    raise ImportError(f"{e}: the reference needs `pip install --no-deps torchscale==0.3.0 fairscale==0.4.0` "
+                      "(the Makefile's venv recipe does it)") from e
 
 VOCAB = 64007  # the original vocabulary, so the real tokenizer files fit the fake checkpoints
 PAD = 1

@@ -141,6 +141,17 @@ def test_inventory_maps_one_to_one_onto_paper_size_models(kind):
         assert "unet" not in conv.parts and "vae" not in conv.parts
 
 
+def test_inventory_fixture_is_what_its_script_derives():
+    """The fixture is reproducible from tests/fixtures/official_inventory.py (pip torchscale on meta + the
+    hand-written open_clip / connector names): a stale or hand-edited fixture fails here."""
+    sys.path.insert(0, str(INVENTORY.parent))
+    try:
+        import official_inventory
+    finally:
+        sys.path.remove(str(INVENTORY.parent))
+    assert official_inventory.inventory() == json.loads(gzip.decompress(INVENTORY.read_bytes()))
+
+
 # -- end to end: fake checkpoints converted, compared with the references --------------------------------
 
 @needs_tokenizer
