@@ -15,18 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from kosmos_g.official import (OfficialCheckpointError, arch_value, convert_state_dict, kosmos2_config,
-                               load_fairseq_checkpoint, load_open_clip_visual)
-from kosmos_g.run import config_hash, copy_part, write_export
+# torch, transformers, diffusers and Lightning are imported where used: `--help` answers in a second.
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "kosmos-g-official"
 STAGE_OF_KIND = {"stage1": "mllm", "stage2": "align", "final": "instruct"}
 # fairseq ids 64002..64006, after <s> <pad> </s> <unk>, the dictionary and <mask> (SPEC.md "Tokens").
 ADDED_SPECIALS = ["</doc>", "<image>", "</image>", "</chunk>", "</line>"]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
+DTYPES = ("float32", "float16", "bfloat16", "keep")  # "keep": the checkpoint's own (fp16)
 
 # Stable Diffusion v1.5's unet/ and vae/ configs, for a checkpoint that carries their weights and no --sd.
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -43,6 +39,7 @@ def load_tokenizer(folder: Path, vocab_size: int):
     plus the five added specials, checked against the checkpoint's vocabulary size."""
     from transformers import XLMRobertaTokenizer
 
+    from kosmos_g.official import OfficialCheckpointError
     spm = Path(folder) / "sentencepiece.bpe.model"
     if not spm.is_file():
         raise OfficialCheckpointError(f"--tokenizer {folder}: no sentencepiece.bpe.model there (it is "
@@ -58,6 +55,7 @@ def load_tokenizer(folder: Path, vocab_size: int):
 
 def load_exactly(model, sd: dict, what: str, source: str):
     """`load_state_dict(strict, assign)` on a meta-built model; a misfit is one error line naming the first keys."""
+    from kosmos_g.official import OfficialCheckpointError
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     wrong = [f"{k} {list(sd[k].shape)} vs {list(own[k])}" for k in sorted(set(own) & set(sd))
@@ -71,6 +69,7 @@ def load_exactly(model, sd: dict, what: str, source: str):
 
 
 def _diffusers_part(cls, sd: dict, config: dict, what: str, source: str):
+    import torch
     with torch.device("meta"):
         model = cls.from_config(config)
     return load_exactly(model, sd, what, source)
@@ -83,10 +82,13 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
     The glue to the project's classes lives here and only here. LEAD (after merging the MultimodalLM /
     AlignerNet / processor branches): swap the marked lines; the state dicts already use their key names.
     """
+    import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import Kosmos2ForConditionalGeneration
 
     from kosmos_g.models.diffusion import SD15_SCHEDULER
+    from kosmos_g.official import OfficialCheckpointError
+    from kosmos_g.run import config_hash, copy_part, write_export
 
     parts, kind = conversion.parts, conversion.kind
     with torch.device("meta"):
@@ -163,6 +165,10 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
 def convert_official(checkpoint, out, vit=None, sd=None, tokenizer=None, dtype: str = "float32",
                      allow_unmatched: bool = False, text_heads: int | None = None) -> Path:
     """Load, rename, check and write; returns the export folder. Errors are OfficialCheckpointError lines."""
+    import torch
+
+    from kosmos_g.official import (OfficialCheckpointError, arch_value, convert_state_dict, kosmos2_config,
+                                   load_fairseq_checkpoint, load_open_clip_visual)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise OfficialCheckpointError(f"--out {out}: exists and is not an earlier export; choose an empty or new folder")
@@ -182,7 +188,8 @@ def convert_official(checkpoint, out, vit=None, sd=None, tokenizer=None, dtype: 
                                   else f"{len(visual)} vision tensors used"))
         if not own:
             state.update(visual)
-    conversion = convert_state_dict(state, DTYPES[dtype], allow_unmatched, source=str(checkpoint))
+    conversion = convert_state_dict(state, None if dtype == "keep" else getattr(torch, dtype), allow_unmatched,
+                                    source=str(checkpoint))
     cfg, step = ckpt.cfg, ckpt.num_updates
     del ckpt, state  # the memory-mapped file (and its optimizer state) is released here
     print(f"{Path(checkpoint).name}: {conversion.summary()}")
@@ -211,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="folder with the original sentencepiece.bpe.model "
                                                       f"(default: {DEFAULT_TOKENIZER} if it exists)")
     p.add_argument("--out", required=True, metavar="DIR", help="the export folder to write (new, or an earlier export)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype of the written weights; 'keep' leaves the checkpoint's (fp16) (default: float32)")
     p.add_argument("--allow-unmatched", action="store_true",
                    help="skip keys that match no known Kosmos-G weight with a warning instead of failing")
@@ -222,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from kosmos_g.official import OfficialCheckpointError
     try:
         convert_official(args.checkpoint, args.out, vit=args.vit, sd=args.sd, tokenizer=args.tokenizer,
                          dtype=args.dtype, allow_unmatched=args.allow_unmatched, text_heads=args.text_heads)
