@@ -191,6 +191,13 @@ def test_final_checkpoint_converts_to_a_pipeline_folder_computing_the_reference_
     tok = AutoTokenizer.from_pretrained(out / "processor")
     assert len(tok) == ref.VOCAB and tok.convert_tokens_to_ids(["<image>", "</image>", "<mask>"]) == [
         ref.IMAGE, ref.IMAGE_END, 64001]
+    # the written tokenizer gives fairseq's ids: sentencepiece pieces looked up in dict.txt (from id 4)
+    import sentencepiece
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(SHARED / "sentencepiece.bpe.model"))
+    fairseq = {line.split(" ")[0]: 4 + i for i, line in enumerate((SHARED / "dict.txt").read_text().splitlines())}
+    for text in ("a photo of a dog", "Kosmos-G renders <i> on the beach", "héllo wörld 1234, 東京"):
+        want = [fairseq.get(piece, 3) for piece in spm.encode(text, out_type=str)]
+        assert tok(text, add_special_tokens=False).input_ids == want
 
 
 @needs_tokenizer
