@@ -195,6 +195,9 @@ def convert_official(checkpoint, out, vit=None, sd=None, tokenizer=None, dtype: 
     print(f"{Path(checkpoint).name}: {conversion.summary()}")
     for key in conversion.unmatched:
         print(f"  warning: skipped unmatched key {key}", file=sys.stderr)
+    unused = [p for p in ("unet", "vae") if p in conversion.parts and conversion.kind != "final"]
+    if unused:  # an mllm / align export holds no diffusion parts (stage 3 reads them from its SD folder)
+        print(f"  note: the checkpoint's {' and '.join(unused)} weights are not part of a {conversion.kind} export")
     config = kosmos2_config(conversion.parts.get("mllm", {}), text_heads or arch_value(cfg, "decoder_attention_heads"),
                             max_positions=arch_value(cfg, "tokens_per_sample", 2048))
     tok = load_tokenizer(tok_dir, config.text_config.vocab_size)
