@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# The second pip line is test-only: pip torchscale, the independent reference for AlignerNet
-# (tests/test_aligner.py). --no-deps because torchscale pins an old timm; it needs only torch and fairscale.
+# The second pip line is test-only: pip torchscale, the independent reference for the original Kosmos-G
+# decoder and AlignerNet (tests/test_official.py, tests/test_aligner.py). --no-deps because torchscale pins an
+# old timm; it needs only torch and fairscale.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
