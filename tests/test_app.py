@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -145,28 +147,56 @@ def test_without_a_pipeline_the_command_says_to_run_make_demo(tmp_path, monkeypa
     assert "run `make demo` first" in err and "--pipeline" in err
 
 
-def test_readme_command_serves_the_demo_export(tmp_path):
-    """`python -m kosmos_g.app`, as the README writes it, serves the page from runs/demo/instruct/export."""
-    build_tiny_pipeline(seed=0, image_size=SIZE).save_pretrained(tmp_path / "runs/demo/instruct/export")
+def readme_app_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Try it in the browser"):]
+    section = section[:section.index("\n## ", 3)]
+    commands = [line.split("#")[0].strip() for line in section.splitlines() if line.startswith("python -m kosmos_g.app")]
+    assert len(commands) == 2, commands
+    return commands
+
+
+def start(command: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_SERVER_PORT": str(free_port())}
-    proc = subprocess.Popen([sys.executable, "-m", "kosmos_g.app"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = [sys.executable if a == "python" else a for a in shlex.split(command)]
+    return subprocess.Popen(args, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def served_url(proc: subprocess.Popen) -> str:
+    lines, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines.append(proc.stdout.readline())
+        if "http://127.0.0.1:" in lines[-1]:
+            return lines[-1][lines[-1].index("http://"):].split()[0]
+    raise AssertionError(f"{proc.args} did not serve the page:\n{''.join(lines)}")
+
+
+def test_readme_commands_serve_the_demo_export(tmp_path):
+    """The README's `python -m kosmos_g.app ...` lines, as written, from a folder laid out as after `make demo`."""
+    pipe = build_tiny_pipeline(seed=0, image_size=SIZE)
+    pipe.save_pretrained(tmp_path / "runs/demo/instruct/export")
+    save_app_examples(tmp_path / "runs/demo")
+    write_random_lora(pipe.unet, tmp_path / "loras")
+    ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16, 32)).save_pretrained(
+        tmp_path / "controlnets/canny")
+    plain, full = readme_app_commands()
+    procs = []
     try:
-        url, lines = None, []
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "http://127.0.0.1:" in line:
-                url = line[line.index("http://"):].split()[0]
-        assert url, "".join(lines)
-        gallery, _ = Client(url, verbose=False, download_files=str(tmp_path / "dl")).predict(
-            "a red dog", "", 4.0, 2, "dpm++", 0, False, 1, SIZE, SIZE, "None", 1.0, None, None, None, None,
-            api_name="/generate")
-        assert Image.open(gallery[0]["image"]).size == (SIZE, SIZE)
+        for command in (plain, full):  # both start at once
+            procs.append(start(command, tmp_path))
+        for proc, lora in zip(procs, ["None", "pytorch_lora_weights.safetensors"]):
+            client = Client(served_url(proc), verbose=False, download_files=str(tmp_path / "dl"))
+            gallery, _ = client.predict("a <i>", "", 4.0, 2, "dpm++", 0, False, 1, SIZE, SIZE, lora, 1.0,
+                                        handle_file(noise_png(tmp_path, 0)), None, None, None, api_name="/generate")
+            assert Image.open(gallery[0]["image"]).size == (SIZE, SIZE)
+        gallery, _ = client.predict("controlnets/canny", handle_file(noise_png(tmp_path, 1)), 100, 200, 1.0, "a <i>",
+                                    "", 4.0, 2, "dpm++", 0, False, 1, SIZE, SIZE, "None", 1.0,
+                                    handle_file(noise_png(tmp_path, 0)), None, None, None, api_name="/controlnet")
+        assert [g["caption"] for g in gallery] == ["canny edges", "seed 0"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 # -- a real browser ---------------------------------------------------------------------------------------------
@@ -233,6 +263,13 @@ def test_browser_upload_generate_and_mismatch_error(served, tmp_path):
                 "The prompt has 2 image placeholder(s) but 1 image(s) are uploaded: upload one image per "
                 "placeholder, in order.", timeout=30_000)
             assert not page.get_by_text("Traceback").count()
+
+            # An example from the tiny world fills the prompt and its image slot.
+            app = served[0]
+            page.get_by_test_id("dataset-cell-1-0").click()
+            expect(prompt).to_have_value(app.examples["generate"][1][0], timeout=10_000)
+            expect(page.locator("#generate-image-0 img")).to_have_attribute("src", re.compile("subject_1_0"),
+                                                                           timeout=10_000)
         finally:
             browser.close()
     assert external == []
