@@ -21,7 +21,6 @@ import html  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
@@ -36,6 +35,8 @@ DEFAULT_PIPELINE = Path("runs/demo/instruct/export")  # where `make demo` export
 EXAMPLES_FILE = "app_examples.json"  # written by the demo into its run folder (runs/demo/)
 MAX_IMAGES = 4  # image slots per prompt
 MAX_SEED = 2**31 - 1
+# The tabs share one pipeline (and its scheduler and LoRA state): their events share one queue slot.
+ONE_AT_A_TIME = dict(concurrency_id="pipeline", concurrency_limit=1)
 NO_LORA = "None"
 # System fonts only: gradio's default theme would load web fonts from a CDN.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -78,7 +79,6 @@ class KosmosGApp:
         self.scheduler = None
         self.lora = NO_LORA
         self.controlnets = {}  # folder -> ControlNetModel, loaded once
-        self.lock = threading.Lock()  # one generation at a time also through the API (the queue does it in the page)
         factor = pipe.vae_scale_factor
         self.native_size = pipe.unet.config.sample_size * factor
         self.size_range = (4 * factor, max(1024, 2 * self.native_size), factor)
@@ -121,11 +121,10 @@ class KosmosGApp:
         seeds = [seed + i for i in range(int(num_images))]
         # CPU generators: the same image for a seed on any device, as in `python -m kosmos_g.generate`.
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        with self.lock:
-            try:
-                images = run(generators)
-            except PromptError as e:  # a prompt the processor cannot encode: the page shows why (as HTML)
-                raise gr.Error(html.escape(str(e))) from e
+        try:
+            images = run(generators)
+        except PromptError as e:  # a prompt the processor cannot encode: the page shows why (as HTML)
+            raise gr.Error(html.escape(str(e))) from e
         return [(im, f"seed {s}") for im, s in zip(images, seeds)], seed
 
     def _common(self, scheduler, lora, lora_scale, steps, guidance, height, width) -> dict:
@@ -265,8 +264,8 @@ class KosmosGApp:
                 gallery = self._gallery("generate")
         inputs = [prompt, negative, guidance, steps, shared[0], seed, randomize, num_images, height, width,
                   *shared[1:], *slots]
-        button.click(self.generate, inputs, [gallery, seed], api_name="generate")
-        prompt.submit(self.generate, inputs, [gallery, seed], api_visibility="private")
+        button.click(self.generate, inputs, [gallery, seed], api_name="generate", **ONE_AT_A_TIME)
+        prompt.submit(self.generate, inputs, [gallery, seed], api_visibility="private", **ONE_AT_A_TIME)
         if examples:
             gr.Examples(examples, [prompt, *slots], label="Examples from the tiny world (fill the form)")
 
@@ -282,7 +281,7 @@ class KosmosGApp:
                 gallery = self._gallery("edit")
         inputs = [source, instruction, negative, guidance, steps, shared[0], seed, randomize, num_images, height,
                   width, *shared[1:]]
-        button.click(self.edit, inputs, [gallery, seed], api_name="edit")
+        button.click(self.edit, inputs, [gallery, seed], api_name="edit", **ONE_AT_A_TIME)
         if examples:
             gr.Examples(examples, [source, instruction], label="Examples")
 
@@ -304,13 +303,13 @@ class KosmosGApp:
                 gallery = self._gallery("controlnet")
         inputs = [controlnet, control_image, low, high, scale, prompt, negative, guidance, steps, shared[0], seed,
                   randomize, num_images, height, width, *shared[1:], *slots]
-        button.click(self.control, inputs, [gallery, seed], api_name="controlnet")
+        button.click(self.control, inputs, [gallery, seed], api_name="controlnet", **ONE_AT_A_TIME)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
            block: bool = True, allowed_paths: Optional[list] = None):
-    """Serve the page (one generation at a time); returns (app, local url, share url) when `block` is False."""
-    return demo.queue(default_concurrency_limit=1).launch(
+    """Serve the page; returns (app, local url, share url) when `block` is False."""
+    return demo.queue().launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, theme=THEME,
         footer_links=[], ssr_mode=False, mcp_server=False, pwa=False, quiet=not block,
         allowed_paths=allowed_paths)

@@ -145,6 +145,11 @@ def test_without_a_pipeline_the_command_says_to_run_make_demo(tmp_path, monkeypa
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "run `make demo` first" in err and "--pipeline" in err
+    assert main(["--pipeline", "elsewhere"]) == 2
+    assert "pipeline folder elsewhere not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--pipeline", "elsewhere", "--cpu-offload"]) == 2
+        assert "--cpu-offload needs a CUDA GPU" in capsys.readouterr().err
 
 
 def readme_app_commands() -> list[str]:
