@@ -99,14 +99,15 @@ class KosmosGApp:
 
     def _set_lora(self, name: str, scale: float) -> None:
         name = name or NO_LORA
+        if name not in self.loras():  # only files listed from --lora-dir, never another path
+            raise gr.Error(f"Unknown LoRA {name!r}; choose one of the .safetensors files in --lora-dir.")
         if name != self.lora:
             if self.lora != NO_LORA:
                 self.pipe.unload_lora_weights()
                 self.lora = NO_LORA
             if name != NO_LORA:
-                path = (self.lora_dir or Path(".")) / name
                 try:
-                    self.pipe.load_lora_weights(path, adapter_name="app")
+                    self.pipe.load_lora_weights(self.lora_dir / name, adapter_name="app")
                 except (OSError, ValueError) as e:
                     raise gr.Error(f"Cannot load LoRA {name}: {e}") from e
                 self.lora = name
