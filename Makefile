@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Re-install only when the declared dependencies or the lock change.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean-runs
+.PHONY: demo test venv browser clean-runs
 
 venv: $(STAMP)
 
@@ -14,15 +14,25 @@ venv: $(STAMP)
 # old timm; it needs only torch and fairscale.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,app]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torchscale==0.3.0 fairscale==0.4.0
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m kosmos_g.tinyworld.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The app's browser test (tests/test_app.py) drives Debian's Chromium with Playwright: Playwright's own browser
+# download is not a package registry. Installed here when missing and apt-get runs as root; otherwise that
+# test skips with a hint (and fails under CI=true).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "no Chromium found and no root apt-get: the app's browser test will skip (apt-get install chromium)"; fi
 
 clean-runs:
 	rm -rf runs

@@ -43,6 +43,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
+from kosmos_g.lora import UNetLoraLoaderMixin
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.mllm import MultimodalLM
 from kosmos_g.processor import KosmosGProcessor, PromptError
@@ -93,7 +94,7 @@ def _as_batch(prompt: Prompt, images: Optional[list] = None) -> list[list]:
     return [KosmosGProcessor.split_prompt(prompt if isinstance(prompt, str) else list(prompt), images)]
 
 
-class KosmosGPipeline(DiffusionPipeline, StableDiffusionMixin):
+class KosmosGPipeline(DiffusionPipeline, StableDiffusionMixin, UNetLoraLoaderMixin):
     """Kosmos-G text-and-image-to-image: MLLM + AlignerNet M as the condition of a frozen SD v1.5 U-Net."""
 
     model_cpu_offload_seq = "mllm->aligner->unet->vae"

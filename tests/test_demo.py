@@ -23,6 +23,12 @@ def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
     assert (run / "demo_grid.png").stat().st_size > 0
     for stage in ("mllm", "align", "instruct"):
         assert (run / stage / "export" / "manifest.json").is_file()
+    # The web app's examples: prompts with one <i> per saved subject image, edits with their source image.
+    from kosmos_g.app import load_examples
+    examples = load_examples(run)
+    assert len(examples["generate"]) == 4 and len(examples["edit"]) == 2
+    for prompt, *images in examples["generate"]:
+        assert prompt.count("<i>") == len([im for im in images if im]) and Path(images[0]).is_file()
 
     nb = nbformat.read(REPO / "notebooks" / "tinyworld.ipynb", as_version=4)
     monkeypatch.setenv("KOSMOS_G_RUN", str(run))

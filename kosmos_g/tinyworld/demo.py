@@ -7,6 +7,7 @@
                 (stand-ins for CLIP ViT-L/14 and SD v1.5, saved in their formats and loaded like them)
   3. stage=mllm  4. stage=align  5. stage=instruct                   runs/<name>/<stage>/
   6. evaluate   held-out interleaved prompts -> table + grid          runs/<name>/demo_results.md, demo_grid.png
+  7. app examples  held-out subjects and edits for `python -m kosmos_g.app`  runs/<name>/app_examples.json
 A second run reuses every finished step (shards, teachers, stage checkpoints).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -25,10 +27,12 @@ from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.pipeline import KosmosGPipeline
 from kosmos_g.run import read_scalars
 from kosmos_g.stages.common import load_mllm
+from kosmos_g.stages.instruct import instruction
 from kosmos_g.tinyworld.data import write_world_shards
 from kosmos_g.tinyworld.evaluate import (WorldScorer, kosmos_generator, save_comparison_grid, table, teacher_generator,
                                          test_examples)
 from kosmos_g.tinyworld.teachers import train_teachers
+from kosmos_g.tinyworld.world import edit_examples
 from kosmos_g.train import main as train
 
 # Sized for <= 20 minutes on 2 CPU cores in all; --quick is the tests' mini version.
@@ -70,6 +74,28 @@ def initial_pipeline(overrides: list[str], trained: KosmosGPipeline) -> KosmosGP
                                            trained.unet.config.cross_attention_dim)
     return KosmosGPipeline(mllm=mllm.eval(), processor=processor, aligner=aligner.eval(), unet=trained.unet,
                            vae=trained.vae, scheduler=trained.scheduler)
+
+
+def save_app_examples(root: Path, n: int = 4) -> Path:
+    """Held-out subject prompts and edits for the web app's examples: PNGs + app_examples.json in `root`."""
+    folder = root / "app_examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    generate, edit = [], []
+    for i, example in enumerate(test_examples(n, seed=1)):
+        segments = instruction(example.sample, random.Random(i), entity_drop_prob=1.0)
+        images = [seg for seg in segments if not isinstance(seg, str)]
+        names = [f"app_examples/subject_{i}_{k}.png" for k in range(len(images))]
+        for im, name in zip(images, names):
+            im.save(root / name)
+        text = " ".join(seg.strip() if isinstance(seg, str) else "<i>" for seg in segments)
+        generate.append({"prompt": text, "images": names})
+    for i, example in enumerate(edit_examples(2, seed=1, split="test")):
+        source, text = example.sample.segments
+        source.save(folder / f"edit_{i}.png")
+        edit.append({"image": f"app_examples/edit_{i}.png", "instruction": text})
+    path = root / "app_examples.json"  # kosmos_g.app.EXAMPLES_FILE
+    path.write_text(json.dumps({"generate": generate, "edit": edit}, indent=2))
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"Grid (input subject | trained | initial | teacher | truth): {root / 'demo_grid.png'}"])
     (root / "demo_results.md").write_text(report + "\n")
     print("\n" + report)
+    save_app_examples(root)
     print(f"\nexports: {root}/<stage>/export   tensorboard: tensorboard --logdir {root}")
+    app = "" if root == Path("runs/demo") else f" --pipeline {root / 'instruct' / 'export'}"
+    print(f"try it in the browser: python -m kosmos_g.app{app}")
     return rows
 
 
