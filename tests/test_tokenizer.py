@@ -106,3 +106,18 @@ def test_tiny_tokenizer_has_the_same_special_layout(tmp_path):
 def test_missing_spm_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sentencepiece.bpe.model"):
         official_tokenizer(tmp_path)
+
+
+def test_config_path_loads_the_original_tokenizer_and_a_saved_copy(official, tmp_path):
+    """`model.llm.tokenizer_path`: the folder with the spm model, or an MLLM tokenizer saved by save_pretrained."""
+    from kosmos_g.assets import mllm_tokenizer
+    from kosmos_g.config import load_config
+
+    model = load_config(["model=paper", f"model.llm.tokenizer_path={OFFICIAL}"]).model
+    tok = mllm_tokenizer(model, tmp_path, lambda: iter(()))
+    text = "a photo of a dog wearing a hat"
+    assert len(tok) == 64007 and tok(text).input_ids == official(text).input_ids
+    tok.save_pretrained(tmp_path / "saved")
+    model = load_config(["model=paper", f"model.llm.tokenizer_path={tmp_path / 'saved'}"]).model
+    again = mllm_tokenizer(model, tmp_path, lambda: iter(()))
+    assert len(again) == 64007 and again.get_vocab() == tok.get_vocab()

@@ -126,8 +126,8 @@ class MultimodalLM(Kosmos2ForConditionalGeneration):
                                      position_ids=self.positions(input_ids), use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs) -> CausalLMOutputWithCrossAttentions:
+                image_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutputWithCrossAttentions:
         """Next-token logits; with `labels` (-100 where no loss), also the mean cross-entropy.
 
         Slots never count as targets, even if `labels` holds their ids: their input is an image latent,
