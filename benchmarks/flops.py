@@ -2,12 +2,12 @@
 
     python -m benchmarks.flops            # the table for the tiny and the paper preset (a few seconds, no memory)
 
-The paper-size parts (a 1.3B Llama-style LM + CLIP ViT-L/14, AlignerNet 12+12 at 768, SD v1.5 U-Net / VAE /
+The paper-size parts (the original's 1.3B Kosmos-2 decoder + CLIP ViT-L/14 + connector, AlignerNet 12+12 at 768, SD v1.5 U-Net / VAE /
 CLIP-L text encoder) are built on the meta device and run on fake tensors: shapes flow, nothing is allocated
 or computed, and FlopCounterMode counts the matmul / conv / attention FLOPs (2 per multiply-add) of each
 forward section and of the backward. The sections mirror the stages' `training_step`s (see stage_throughput);
-the image tokens enter the LM by concatenation instead of `masked_scatter` (same FLOPs, no data-dependent
-shapes). Optimizer and elementwise FLOPs are not counted (they are not matmuls).
+the image tokens enter the decoder by concatenation instead of `masked_scatter` (same FLOPs, no
+data-dependent shapes; `memory_plan.mllm_states`). Optimizer and elementwise FLOPs are not counted (they are not matmuls).
 
 This is what moves the cache speed-ups: a cache removes its section's forward FLOPs from every step.
 """
@@ -24,22 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import common
 
 # The paper preset's frozen parts, sized as in the memory plan.
-from benchmarks.memory_plan import CLIP_L_TEXT, LLAMA_VOCAB, SD15_UNET, SD15_VAE
-
-
-class VocabStub:
-    """What `build_mllm` reads of a tokenizer (its length and special ids), without a tokenizer file."""
-
-    pad_token_id, bos_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return self.size - 1  # <image_pad>, the last added token
+from benchmarks.memory_plan import CLIP_L_TEXT, PAPER_VOCAB, SD15_UNET, SD15_VAE, VocabStub, mllm_states, px_zeros
 
 
 @dataclass
@@ -88,11 +73,11 @@ def build_parts(preset: str, device: str = "meta", dtype: torch.dtype = torch.fl
         eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id)
     if mllm_only:  # e.g. the stage-1 MFU run: no U-Net/VAE/text encoder on the GPU
         with torch.device(device):
-            mllm = build_mllm(cfg, tokenizer or VocabStub(LLAMA_VOCAB + 3 if preset == "paper" else 1024))
+            mllm = build_mllm(cfg, tokenizer or VocabStub(PAPER_VOCAB if preset == "paper" else 1024))
         return SimpleNamespace(cfg=cfg, mllm=mllm.to(dtype=dtype).eval())
     with torch.device(device):
         if preset == "paper":
-            mllm = build_mllm(cfg, tokenizer or VocabStub(LLAMA_VOCAB + 3))
+            mllm = build_mllm(cfg, tokenizer or VocabStub(PAPER_VOCAB))
             unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
             text = CLIPTextModel(CLIPTextConfig(**{**CLIP_L_TEXT, **ids}))
         else:
@@ -147,32 +132,27 @@ def step_flops(parts, stage: str, shapes: Shapes) -> dict[str, float]:
             out[name] = out.get(name, 0.0) + counter.get_total_flops()
         return run()
 
-    def mllm_states(grad: bool):
-        """ViT + resampler on the images, LM on [image tokens | text tokens]: hidden states or logits."""
+    def mllm_states_(grad: bool):
+        """ViT + connector on the images, the decoder on [image tokens | text tokens]: hidden states or logits."""
         text_len = shapes.seq_len - (shapes.images * n_tok) // b
         with torch.set_grad_enabled(grad):
-            embeds = mllm.lm.get_input_embeddings()(torch.zeros(b, text_len, dtype=torch.long, device=device))
-            if shapes.images:
-                px = torch.zeros(shapes.images, 3, cfg.vision.img_size, cfg.vision.img_size, device=device, dtype=dtype)
-                latents = mllm.image_embeddings(px).reshape(b, -1, d)
-                embeds = torch.cat([latents, embeds], dim=1)
-            mask = torch.ones(b, embeds.shape[1], dtype=torch.long, device=device)
-            if stage == "mllm":
-                return mllm.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-            return mllm.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            ids = torch.full((b, text_len), 5, dtype=torch.long, device=device)
+            px = px_zeros(mllm, shapes.images, device, dtype) if shapes.images else None
+            mask = torch.ones(b, shapes.seq_len if shapes.images else text_len, dtype=torch.long, device=device)
+            return mllm_states(mllm, stage, ids, mask, px)
 
     # Fake tensors: the parts may live on the meta device (transformers then skips its data-dependent mask checks).
     mode = FakeTensorMode(allow_non_fake_inputs=True) if device.type == "meta" else contextlib.nullcontext()
     with mode:
         if stage == "mllm":
             with count("MLLM forward"):
-                logits = mllm_states(True)
+                logits = mllm_states_(True)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                                          torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long,
                                                                      device=device))
         elif stage == "align":
             with count("MLLM forward"):
-                s = mllm_states(False)
+                s = mllm_states_(False)
             with count("CLIP text"), torch.no_grad():
                 target = parts.text_encoder(torch.zeros(b, cfg.clip_max_tokens, dtype=torch.long,
                                                         device=device)).last_hidden_state
@@ -185,7 +165,7 @@ def step_flops(parts, stage: str, shapes: Shapes) -> dict[str, float]:
                 px = torch.zeros(b, 3, shapes.target_px, shapes.target_px, device=device, dtype=dtype)
                 latents = parts.vae.encode(px).latent_dist.mean
             with count("MLLM forward"):
-                s = mllm_states(True)
+                s = mllm_states_(True)
             with count("aligner"):
                 c = parts.aligner.encode(s)
             with count("U-Net"):

@@ -40,19 +40,22 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def synthetic_mllm_batch(mllm, batch: int, seq_len: int, images: int, device) -> dict:
-    """`batch` sequences of `seq_len` tokens, each with `images` images of N placeholder tokens, as the
-    stage-1 collate makes them (labels -100 on <s> and the image positions)."""
-    n, size = mllm.config.num_image_tokens, mllm.config.vision_img_size
-    vocab, pad_id = mllm.config.text_config.vocab_size, mllm.config.image_pad_token_id
+    """`batch` sequences of `seq_len` tokens, each with `images` image blocks (N + 1 `<image>`, `</image>`; the
+    N after the first are the slots), as the stage-1 collate makes them (labels -100 on <s> and image tokens)."""
+    n, size = mllm.config.num_image_tokens, mllm.config.vision_config.image_size
+    vocab, image_id = mllm.config.text_config.vocab_size, mllm.config.image_token_id
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, min(vocab, pad_id) - 1, (batch, seq_len), generator=g)
+    ids = torch.randint(4, min(vocab, image_id) - 1, (batch, seq_len), generator=g)
+    ids[:, 0] = 0  # <s>
     mask = torch.zeros(batch, seq_len, dtype=torch.bool)
     gap = (seq_len - 1) // max(images, 1)
     for k in range(images):
         start = 1 + k * gap
-        mask[:, start:start + n] = True
-    ids[mask] = pad_id
-    labels = ids.masked_fill(mask, -100)
+        ids[:, start:start + n + 1] = image_id
+        ids[:, start + n + 1] = image_id + 1  # </image>
+        mask[:, start + 1:start + 1 + n] = True
+    assert torch.equal(mllm.placeholder_mask(ids), mask)
+    labels = ids.masked_fill((ids == image_id) | (ids == image_id + 1), -100)
     labels[:, 0] = -100
     return common.to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_mask": mask,
                              "labels": labels, "pixel_values": torch.randn(batch * images, 3, size, size, generator=g),

@@ -6,7 +6,7 @@ Both pipelines share the very same U-Net and VAE objects and run the same sample
 one instance each from the same config), the same number of steps, the same batch, classifier-free guidance
 6.0 and the same seeds. The only difference is the condition:
 
-  Kosmos-G  "a <image> at the top right on a dotted background" -> MLLM (ViT + resampler + LM) -> AlignerNet M
+  Kosmos-G  "a <image> at the top right on a dotted background" -> MLLM (ViT + connector + decoder) -> AlignerNet M
   SD        "a green cross at the top right on a dotted background" -> CLIP text encoder (same width, 77 tokens)
 
 and both also encode the empty negative prompt, as each pipeline does for guidance. The parts are the tiny

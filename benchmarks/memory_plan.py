@@ -3,8 +3,8 @@
     python -m benchmarks.memory_plan                 # 64 x A100-80G, trainer=a100_fsdp (a few seconds, no GPU)
     python -m benchmarks.memory_plan --gpus 256 --gpu-gib 32 --trainer v100_fsdp
 
-Every network is built on the meta device at the paper's sizes (MLLM: 24 x 2048 Llama-style LM + CLIP
-ViT-L/14 + resampler, via kosmos_g.models.mllm.build_mllm; AlignerNet 12+12 at 768; SD v1.5 U-Net, VAE
+Every network is built on the meta device at the paper's sizes (MLLM: the original's 24 x 2048 Kosmos-2
+decoder + CLIP ViT-L/14 + connector, via kosmos_g.models.mllm.build_mllm; AlignerNet 12+12 at 768; SD v1.5 U-Net, VAE
 and CLIP-L text encoder from diffusers / transformers config dicts), with each stage's trainable set
 (the stages' own `lock_vision` / `m_parameters`). Per GPU, with N GPUs and `trainer.fsdp_*` of the preset:
 
@@ -13,7 +13,7 @@ and CLIP-L text encoder from diffusers / transformers config dicts), with each s
   AdamW     exp_avg + exp_avg_sq, fp32 shard: 8 B x trainable / N       (master + moments = 12 B / param)
   frozen    frozen parameters FSDP shards (4 B / N) + those it leaves out, replicated (U-Net/VAE/CLIP-text
             in model.diffusion_dtype)
-  gathered  what is all-gathered for compute, in the half type: the root unit (embeddings, LM head, resampler,
+  gathered  what is all-gathered for compute, in the half type: the root unit (embeddings, tied LM head, connector,
             ViT stem, aligner tables) + 2 wrapped layers (limit_all_gathers: current + prefetched), and the
             unsharded fp32 gradients of the root + 1 layer during backward
   acts      activations kept for backward, MEASURED by running one training step's forward on fake
@@ -46,22 +46,51 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=51
                 up_block_types=("UpDecoderBlock2D",) * 4)
 CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, max_position_embeddings=77)
-LLAMA_VOCAB = 32000 + 3  # a Llama SentencePiece tokenizer + <image>, </image>, <image_pad>
+PAPER_VOCAB = 64007  # the original tokenizer: fairseq's 4 + 63,997 pieces + <mask> + 5 Kosmos-G specials
 # Per-GPU micro-batches: the paper's global batches over 64 GPUs (stage 1: 1.2M tokens = ~586 x 2048).
 STAGE_SHAPES = {"mllm": dict(batch=9, seq=2048, images=2), "align": dict(batch=56, seq=80, images=0),
                 "instruct": dict(batch=16, seq=128, images=1, px=512)}
 
 
-class _VocabStub:
-    """What build_mllm reads of a tokenizer: its length and special ids."""
+class VocabStub:
+    """What `build_mllm` reads of a tokenizer (its length and the original's special-id layout), without a file."""
 
-    pad_token_id, bos_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
+    bos_token_id, pad_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
 
-    def __len__(self):
-        return LLAMA_VOCAB
+    def __init__(self, size: int = PAPER_VOCAB):
+        self.size = size
 
-    def convert_tokens_to_ids(self, token):
-        return LLAMA_VOCAB - 1
+    def __len__(self) -> int:
+        return self.size
+
+    def get_vocab(self) -> dict[str, int]:
+        from kosmos_g.models.tokenizers import ADDED_SPECIAL_TOKENS, BASE_SPECIAL_TOKENS, MASK
+
+        added = [MASK] + ADDED_SPECIAL_TOKENS  # the last ids, as in the paper's vocabulary
+        return {**dict(zip(BASE_SPECIAL_TOKENS, range(4))), **dict(zip(added, range(self.size - len(added), self.size)))}
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.get_vocab().get(token, self.unk_token_id)
+
+
+def mllm_states(mllm, stage: str, ids: torch.Tensor, mask: torch.Tensor, px: torch.Tensor | None) -> torch.Tensor:
+    """The MLLM of a training step on fake tensors: logits (stage mllm) or the final states. Image latents enter
+    by concatenation in front of the text (same work as `MultimodalLM.embed`'s masked_scatter, without its
+    data-dependent count); without images the ViT + connector run on one dummy image, as in `embed`."""
+    embeds = mllm.get_input_embeddings()(ids)
+    if px is not None:
+        embeds = torch.cat([mllm.image_features(px).reshape(len(ids), -1, embeds.shape[-1]), embeds], dim=1)
+    else:
+        dummy = px_zeros(mllm, 1, embeds.device, embeds.dtype)
+        embeds = embeds + 0 * mllm.image_features(dummy).sum()
+    if stage == "mllm":
+        return mllm.text_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    return mllm.text_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def px_zeros(mllm, n: int, device, dtype) -> torch.Tensor:
+    size = mllm.config.vision_config.image_size
+    return torch.zeros(n, 3, size, size, device=device, dtype=dtype)
 
 
 def build_paper(dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
@@ -76,7 +105,7 @@ def build_paper(dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
     cfg = load_config(["stage=mllm", "model=paper", "model.vision.weights_path=null", "model.llm.tokenizer_path=null",
                        "model.diffusion_path=null"])
     with torch.device("meta"):
-        mllm = build_mllm(cfg.model, _VocabStub())
+        mllm = build_mllm(cfg.model, VocabStub())
         unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
         aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=cfg.model.llm.hidden_size, clip_dim=768)
@@ -186,17 +215,12 @@ def activations(parts, stage: str, shapes: dict, unit_classes: tuple) -> dict:
     counter = SavedTensors(module, unit_classes)
 
     def states(grad: bool):
-        """ViT + resampler on the images, LM on [image latents | text]: logits (stage mllm) or hidden states."""
+        """ViT + connector on the images, the decoder on [image latents | text]: logits (stage mllm) or states."""
         n_tok = cfg.vision.num_image_tokens
         with torch.set_grad_enabled(grad):
-            embeds = mllm.lm.get_input_embeddings()(torch.zeros(b, seq - n_img * n_tok, dtype=torch.long, device=dev))
-            if n_img:
-                px = torch.zeros(b * n_img, 3, cfg.vision.img_size, cfg.vision.img_size, device=dev, dtype=dtype)
-                embeds = torch.cat([mllm.image_embeddings(px).reshape(b, -1, embeds.shape[-1]), embeds], dim=1)
-            mask = torch.ones(b, seq, dtype=torch.long, device=dev)
-            if stage == "mllm":
-                return mllm.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-            return mllm.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            ids = torch.full((b, seq - n_img * n_tok), 5, dtype=torch.long, device=dev)
+            px = px_zeros(mllm, b * n_img, dev, dtype) if n_img else None
+            return mllm_states(mllm, stage, ids, torch.ones(b, seq, dtype=torch.long, device=dev), px)
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _sdpa

@@ -8,7 +8,7 @@ LR-scheduler step, `zero_grad`. Lightning's own per-step bookkeeping (logging, c
 tables are the model's cost. Every section is a timed `torch.profiler.record_function` range:
 
   data wait       next(batch) from the stage's DataModule in-process (`data.num_workers=0`, the tiny preset)
-  MLLM forward    ViT + resampler + LM (stage 1: with logits; stages 2/3: `encode`, the last hidden states)
+  MLLM forward    ViT + connector + decoder (stage 1: with logits; stages 2/3: `encode`, the last hidden states)
   CLIP text       the frozen CLIP text encoder making stage 2's targets  (or: cached targets)
   VAE encode      the frozen VAE encoding stage 3's target images        (or: cached latents)
   aligner         AlignerNet M (and N in stage 2)

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPToken
 from kosmos_g.config import SAMPLE_KINDS, ConfigError, DataConfig, ModelConfig
 from kosmos_g.data.shards import read_shards
 from kosmos_g.models.diffusion import save_tiny_sd_folder
-from kosmos_g.models.tokenizers import (IMAGE_END, IMAGE_PAD, IMAGE_START, train_clip_tokenizer,
-                                        train_mllm_tokenizer)
+from kosmos_g.models.tokenizers import (SPM_MODEL, add_kosmos_specials, check_special_layout, official_tokenizer,
+                                        train_clip_tokenizer, train_mllm_tokenizer)
 
 SD_TEXT_PARTS = ("tokenizer", "text_encoder")
 SD_PARTS = SD_TEXT_PARTS + ("unet", "vae", "scheduler")
@@ -34,16 +34,19 @@ def _require_dir(path: str, key: str, what: str) -> Path:
 
 
 def mllm_tokenizer(model: ModelConfig, assets: Path, texts: Callable[[], Iterable[str]]):
-    """The MLLM tokenizer: `model.llm.tokenizer_path`, or one trained on the tiny corpus (cached)."""
+    """The MLLM tokenizer: `model.llm.tokenizer_path`, or one trained on the tiny corpus (cached).
+
+    The path holds the original `sentencepiece.bpe.model` (the paper's ids, see `official_tokenizer`) or a
+    tokenizer folder written by `save_pretrained` (e.g. an export's `processor/`)."""
     if model.llm.tokenizer_path:
         path = _require_dir(model.llm.tokenizer_path, "model.llm.tokenizer_path",
-                            "a tokenizer folder loadable by AutoTokenizer.from_pretrained (e.g. a Llama/SentencePiece one)")
-        tok = AutoTokenizer.from_pretrained(path)
-        # Real tokenizers lack our image tokens; adding them is what a fresh stage-1 run expects.
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_START, IMAGE_END, IMAGE_PAD]})
-        if tok.pad_token is None:
-            tok.pad_token = tok.unk_token or tok.eos_token
-        return tok
+                            f"the original Kosmos-G {SPM_MODEL} (and dict.txt), or a saved MLLM tokenizer folder")
+        if (path / SPM_MODEL).is_file() and not (path / "tokenizer_config.json").is_file():
+            return official_tokenizer(path)
+        try:
+            return check_special_layout(add_kosmos_specials(AutoTokenizer.from_pretrained(path)))
+        except ValueError as e:
+            raise ConfigError(f"model.llm.tokenizer_path={path}: {e}") from None
     folder = assets / "tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
         _write_atomically(folder, lambda tmp: train_mllm_tokenizer(texts()).save_pretrained(tmp))

@@ -107,23 +107,33 @@ class StageConfig:
 
 @dataclass
 class LLMConfig:
-    """The decoder LM of the MLLM (a Llama-style transformers model built from these sizes)."""
+    """The MLLM's decoder: the original Kosmos-G / Kosmos-2 one (transformers' Kosmos-2 text model), with
+    pre-LN + sub-LN blocks, GELU FFN, sinusoidal positions, embeddings scaled by sqrt(hidden_size) and an
+    output projection tied to them. The vocabulary size is the tokenizer's (64007 for the paper's)."""
 
     hidden_size: int = 2048
     num_layers: int = 24
     num_heads: int = 32
-    intermediate_size: int = 5504
-    """SwiGLU width; 5504 keeps the FFN parameter count of the paper's 8192-wide GELU FFN."""
+    ffn_dim: int = 8192
+    """Width of each block's GELU feed-forward."""
+    dropout: float = 0.1
+    """Dropout on embeddings and block outputs while training (the paper: 0.1)."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities while training (the paper: 0.1)."""
+    layer_norm_eps: float = 1e-5
     max_positions: int = 2048
     """Context length in tokens (the paper trains on 2048-token samples)."""
     tokenizer_path: Optional[str] = None
-    """Folder loadable by `AutoTokenizer.from_pretrained` (e.g. a SentencePiece/Llama tokenizer).
-    None builds a small tokenizer from the tiny corpus (tiny preset only)."""
+    """A folder with the original `sentencepiece.bpe.model` (+ dict.txt), or one written by `save_pretrained`
+    of an MLLM tokenizer. None builds a small tokenizer from the tiny corpus (tiny preset only)."""
 
     def __post_init__(self):
         _check(self.hidden_size % self.num_heads == 0,
                f"model.llm.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        _check(self.num_layers > 0 and self.max_positions > 0, "model.llm sizes must be > 0")
+        _check(self.num_layers > 0 and self.max_positions > 0 and self.ffn_dim > 0, "model.llm sizes must be > 0")
+        _check(0 <= self.dropout < 1 and 0 <= self.attention_dropout < 1,
+               "model.llm.dropout and model.llm.attention_dropout must be in [0, 1)")
+        _check(self.layer_norm_eps > 0, "model.llm.layer_norm_eps must be > 0")
 
 
 @dataclass
@@ -149,28 +159,36 @@ class AlignerConfig:
 
 @dataclass
 class VisionConfig:
-    """The CLIP ViT (timm) that turns each image into tokens for the resampler."""
+    """The CLIP ViT (transformers' Kosmos-2 vision model, QuickGELU) and the connector that turns its tokens into
+    `num_image_tokens` decoder inputs. The defaults are OpenAI CLIP ViT-L/14 at 224 px, the paper's tower."""
 
-    model_name: str = "vit_large_patch14_clip_quickgelu_224"
-    """A timm ViT name; the default is OpenAI CLIP ViT-L/14 (QuickGELU), the paper's encoder."""
     img_size: int = 224
-    """Input resolution; CLIP-normalised crops of this size are fed to the encoder."""
+    """Input resolution; CLIP-normalised crops of this size are fed to the tower."""
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_dim: int = 4096
+    """Width of each ViT block's QuickGELU MLP."""
     weights_path: Optional[str] = None
-    """Local open_clip / OpenAI CLIP checkpoint of the visual tower. None: random init (tiny preset)."""
-    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
-    """Extra sizes for `timm.create_model` (the tiny preset shrinks the ViT here)."""
+    """Local CLIP weights of the image tower: an open_clip / OpenAI state dict (`ViT-L-14-sd.pt`), OpenAI's
+    TorchScript `ViT-L-14.pt`, or a transformers CLIP folder/file. None: random init (tiny preset)."""
     unlocked_last_blocks: int = 1
     """Stages mllm/instruct train this many last ViT blocks (the paper: 1)."""
     unlock_final_norm: bool = True
-    """...and the final LayerNorm."""
+    """...and the final LayerNorm (post_layernorm)."""
     num_image_tokens: int = 64
-    """Resampler latents: the placeholder tokens per image in the MLLM input (the paper: 64)."""
-    resampler_heads: Optional[int] = None
-    """Attention heads of the resampler; None uses llm.hidden_size // 64."""
+    """Connector latent queries: the slots per image in the MLLM input (the paper: 64)."""
 
     def __post_init__(self):
-        _check(self.img_size > 0 and self.num_image_tokens > 0, "model.vision sizes must be > 0")
-        _check(self.unlocked_last_blocks >= 0, "model.vision.unlocked_last_blocks must be >= 0")
+        _check(min(self.img_size, self.patch_size, self.hidden_size, self.num_layers, self.num_heads, self.ffn_dim,
+                   self.num_image_tokens) > 0, "model.vision sizes must be > 0")
+        _check(self.img_size % self.patch_size == 0,
+               f"model.vision.img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"model.vision.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        _check(0 <= self.unlocked_last_blocks <= self.num_layers,
+               f"model.vision.unlocked_last_blocks must be in [0, num_layers={self.num_layers}]")
 
 
 @dataclass
@@ -265,8 +283,8 @@ class DataConfig:
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
-# The paper preset's repeated blocks: Llama decoder layers, timm ViT blocks, the aligner's encoder/decoder layers.
-DEFAULT_WRAP_LAYERS = ["LlamaDecoderLayer", "Block", "AlignerEncoderLayer", "AlignerDecoderLayer"]
+# The paper preset's repeated blocks: Kosmos-2 text blocks and ViT layers, the aligner's encoder/decoder layers.
+DEFAULT_WRAP_LAYERS = ["Kosmos2TextBlock", "Kosmos2VisionEncoderLayer", "AlignerEncoderLayer", "AlignerDecoderLayer"]
 
 
 @dataclass
@@ -292,7 +310,7 @@ class TrainerConfig:
     max_bad_steps: int = 10
     """A non-finite loss or gradient skips the step; this many in a row stops the run with an error."""
     find_unused_parameters: bool = True
-    """ddp: needed by stage mllm, where a text-only batch gives the ViT/resampler no gradient on that rank."""
+    """ddp: tolerate parameters that get no gradient in a step (DDP otherwise raises on them)."""
     process_group_backend: Optional[str] = None
     """nccl / gloo; None lets Lightning choose (nccl on GPUs, gloo on CPU)."""
     fsdp_sharding: str = "FULL_SHARD"

@@ -10,8 +10,9 @@ very tensor SD v1.5 gets from its CLIP text encoder. So after `encode_prompt`, s
 `StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...)` (the tests check this to float
 tolerance), and ControlNet / LoRA pipelines for SD v1.5 accept the same embeddings.
 
-Classifier-free guidance: the negative condition defaults to the empty prompt `<s></s>`, the same null
-condition stage 3 trains with (`condition` of `processor("")`).
+Classifier-free guidance: the negative condition defaults to the null prompt `<s>` alone, the same null
+condition stage 3 trains with (`condition` of `processor.null_prompt()`); a negative prompt is `<s>` + its
+tokens, as in the original.
 
 Scheduler: the pipeline samples with the scheduler it holds, as every diffusers pipeline does (the stage-3
 export saves the training DDPM config). The paper's DPM-Solver++ is one call away, `pipe.use_scheduler("dpm++")`,
@@ -70,8 +71,8 @@ def condition(mllm, aligner, batch: dict) -> torch.Tensor:
 
     `batch` is `KosmosGProcessor.collate(...)` output (input_ids, attention_mask, image_mask, pixel_values) on
     the models' device. Stage 3 trains through this same function, and its null condition for classifier-free
-    guidance is this function applied to `processor("")`, which the pipeline uses as the default negative.
-    A batch without images (pixel_values with 0 rows) takes the MLLM's text-only path.
+    guidance is this function applied to `processor.null_prompt()`, which the pipeline uses as the default
+    negative. A batch without images (pixel_values with 0 rows) takes the MLLM's text-only path.
     """
     pixel_values = batch.get("pixel_values")
     has_images = pixel_values is not None and pixel_values.numel() > 0
@@ -175,7 +176,7 @@ class KosmosGPipeline(DiffusionPipeline, StableDiffusionMixin, UNetLoraLoaderMix
         """(prompt_embeds, negative_prompt_embeds), each [B * num_images_per_prompt, 77, d_clip] in the
         U-Net's dtype: what SD v1.5 pipelines accept as `prompt_embeds=` / `negative_prompt_embeds=`.
 
-        `negative_prompt`: None (the empty prompt, as in training), one prompt for all, or a batch of list
+        `negative_prompt`: None (the null prompt `<s>`, as in training), one prompt for all, or a batch of list
         prompts, one per prompt. negative_prompt_embeds is None without classifier-free guidance.
         """
         device = device or self._execution_device
@@ -183,7 +184,7 @@ class KosmosGPipeline(DiffusionPipeline, StableDiffusionMixin, UNetLoraLoaderMix
         prompt_embeds = self._condition(prompts, device).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_classifier_free_guidance:
             return prompt_embeds, None
-        negatives = _as_batch("" if negative_prompt is None else negative_prompt)
+        negatives = [[]] if negative_prompt is None else _as_batch(negative_prompt)  # [] = `<s>` alone
         if len(negatives) not in (1, len(prompts)):
             raise PromptError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; "
                               "give one negative prompt, or one per prompt")

@@ -3,10 +3,12 @@
     processor(["a photo of", dog_image, "wearing", hat_image, "on the beach"])
     processor("a photo of <i> wearing <i> on the beach", images=[dog_image, hat_image])
 
-Each image becomes `<image>` + N `<image_pad>` + `</image>`; the MLLM overwrites the N placeholder
-embeddings with the resampler's output for that image. The document is wrapped in `<s> ... </s>`.
+As in the original Kosmos-G, a prompt is `<s>` + for each image (the text before it + the image block) + the
+tail text, and never ends with `</s>` (neither in training nor in inference). An image block is N + 1
+`<image>` then `</image>`; the MLLM overwrites the N slots after the first `<image>` with the connector's
+output for that image. The null prompt (classifier-free guidance, the empty negative) is `<s>` alone.
 Text segments are stripped of the whitespace around them and tokenized one by one, so both prompt forms
-give the same ids. Only text tokens and `</s>` are next-token targets (`loss_mask`).
+give the same ids. Only text tokens are next-token targets (`loss_mask`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from kosmos_g.models.tokenizers import IMAGE_END, IMAGE_PAD, IMAGE_START
+from kosmos_g.models.tokenizers import IMAGE_END, IMAGE_START, check_special_layout
 
 IMAGE_PLACEHOLDER = "<i>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,7 +39,7 @@ class PromptError(ValueError):
 class Encoded:
     input_ids: torch.Tensor  # [L] long
     image_mask: torch.Tensor  # [L] bool: placeholder positions, filled in image order
-    loss_mask: torch.Tensor  # [L] bool: positions whose token is a next-token target (text and </s>)
+    loss_mask: torch.Tensor  # [L] bool: positions whose token is a next-token target (text tokens)
     pixel_values: torch.Tensor  # [num_images, 3, S, S], CLIP-normalised
 
 
@@ -54,21 +56,20 @@ class KosmosGProcessor:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int = 64, image_size: int = 224,
                  max_length: int = 2048):
-        missing = [t for t in (IMAGE_START, IMAGE_END, IMAGE_PAD) if t not in tokenizer.get_vocab()]
+        missing = [t for t in (IMAGE_START, IMAGE_END) if t not in tokenizer.get_vocab()]
         if missing:
             raise PromptError(f"tokenizer lacks the image tokens {missing}; build it with "
-                              "kosmos_g.models.tokenizers or add them with tokenizer.add_special_tokens")
-        unset = [name for name in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(tokenizer, name) is None]
-        if unset:
-            raise PromptError(f"tokenizer has no {', '.join(unset)}; set tokenizer.bos_token / eos_token / pad_token "
-                              "(kosmos_g.assets.mllm_tokenizer does this for Llama tokenizers)")
+                              "kosmos_g.models.tokenizers (official_tokenizer or train_mllm_tokenizer)")
+        try:
+            check_special_layout(tokenizer)
+        except ValueError as e:
+            raise PromptError(str(e)) from None
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
         self.max_length = max_length
         self.image_transform = clip_image_transform(image_size)
-        self.image_start_id, self.image_end_id, self.image_pad_id = tokenizer.convert_tokens_to_ids(
-            [IMAGE_START, IMAGE_END, IMAGE_PAD])
+        self.image_start_id, self.image_end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
 
     @classmethod
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, model_cfg) -> "KosmosGProcessor":
@@ -83,25 +84,31 @@ class KosmosGProcessor:
         pixels = []
         for seg in segments:
             if isinstance(seg, Image.Image):
-                block = [self.image_start_id] + [self.image_pad_id] * self.num_image_tokens + [self.image_end_id]
+                block = [self.image_start_id] * (self.num_image_tokens + 1) + [self.image_end_id]
                 ids += block
                 is_image += [False] + [True] * self.num_image_tokens + [False]
                 is_target += [False] * len(block)
                 pixels.append(self.image_transform(seg.convert("RGB")))
             else:
-                text_ids = self.tokenizer(seg, add_special_tokens=False).input_ids
+                text_ids = self.text_ids(seg)
                 ids += text_ids
                 is_image += [False] * len(text_ids)
                 is_target += [True] * len(text_ids)
-        ids.append(self.tokenizer.eos_token_id)
-        is_image.append(False)
-        is_target.append(True)
         if len(ids) > self.max_length:
             raise PromptError(f"prompt is {len(ids)} tokens, longer than the context of {self.max_length} "
                               "(model.llm.max_positions); shorten the text or use fewer images")
         empty = torch.empty(0, 3, self.image_size, self.image_size)
         return Encoded(torch.tensor(ids), torch.tensor(is_image), torch.tensor(is_target),
                        torch.stack(pixels) if pixels else empty)
+
+    def text_ids(self, text: str) -> list[int]:
+        """The ids of one text segment, as the original tokenises it: the pieces alone, no `<s>`/`</s>`, and
+        `<image>`-like strings in the text split into pieces (a prompt's text cannot forge an image block)."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def null_prompt(self) -> Encoded:
+        """`<s>` alone: the null condition of classifier-free guidance (stage 3's dropout, the default negative)."""
+        return self([])
 
     @staticmethod
     def split_prompt(prompt: str | list, images: list[Image.Image] | None = None) -> list:

@@ -4,8 +4,8 @@
     prepare_module(module, cfg.trainer)         # before Trainer.fit: hand activation checkpointing to FSDP
 
 FSDP (the paper preset, `trainer=a100_fsdp` / `v100_fsdp`):
-  * one FSDP unit per layer class in `trainer.fsdp_wrap_layers` (Llama decoder layers, timm ViT blocks,
-    the aligner's encoder/decoder layers); everything else (embeddings, LM head, resampler, ViT stem,
+  * one FSDP unit per layer class in `trainer.fsdp_wrap_layers` (Kosmos-2 text blocks and ViT layers,
+    the aligner's encoder/decoder layers); everything else (embeddings, LM head, connector, ViT stem,
     aligner projections and query tables) is in the root unit;
   * `use_orig_params=True`: a unit may mix frozen and trainable parameters (the ViT keeps only its last
     block trainable) and the optimiser sees the original parameters, so it still only gets trainable ones;
@@ -13,7 +13,7 @@ FSDP (the paper preset, `trainer=a100_fsdp` / `v100_fsdp`):
     reduce-scattered in fp32, fp32 master weights (the sharded flat parameters) and Adam state; fp16
     adds FSDP's ShardedGradScaler (Lightning's FSDPPrecision creates it for `16-mixed`);
   * activation checkpointing by the strategy (non-reentrant `checkpoint_wrapper` on `trainer.checkpoint_layers`),
-    in place of the model's own (transformers/timm) checkpointing, which `prepare_module` turns off so
+    in place of the model's own (transformers) checkpointing, which `prepare_module` turns off so
     nothing is recomputed twice;
   * `trainer.fsdp_ignored_modules` (U-Net/VAE, CLIP text encoder) stay outside FSDP, replicated and frozen
     on every GPU: they get no gradients or optimiser state either way, and replicating SD v1.5's 1.1B frozen
@@ -40,8 +40,8 @@ T = TypeVar("T")
 # Layer class names accepted in trainer.fsdp_wrap_layers / trainer.checkpoint_layers -> "module:Class".
 # A dotted "package.module:Class" (or "package.module.Class") is accepted too.
 LAYER_CLASSES = {
-    "LlamaDecoderLayer": "transformers.models.llama.modeling_llama:LlamaDecoderLayer",
-    "Block": "timm.models.vision_transformer:Block",
+    "Kosmos2TextBlock": "transformers.models.kosmos2.modeling_kosmos2:Kosmos2TextBlock",
+    "Kosmos2VisionEncoderLayer": "transformers.models.kosmos2.modeling_kosmos2:Kosmos2VisionEncoderLayer",
     "TransformerEncoderLayer": "torch.nn:TransformerEncoderLayer",
     "TransformerDecoderLayer": "torch.nn:TransformerDecoderLayer",
     "AlignerEncoderLayer": "kosmos_g.models.aligner:AlignerEncoderLayer",
@@ -139,7 +139,6 @@ def build_strategy(t: TrainerConfig):
     if t.strategy in ("auto", "ddp"):
         from lightning.pytorch.strategies import DDPStrategy
 
-        # find_unused_parameters: stage mllm's text-only batches leave the ViT/resampler without gradients.
         return DDPStrategy(find_unused_parameters=t.find_unused_parameters,
                            process_group_backend=t.process_group_backend)
     wrap = layer_classes(t.fsdp_wrap_layers, "trainer.fsdp_wrap_layers")

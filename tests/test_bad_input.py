@@ -77,7 +77,7 @@ def fails(argv: list[str], capsys, *needles: str) -> str:
     ("trainer.strategy=deepspeed", ["trainer.strategy must be one of auto, ddp, fsdp"]),
     ("trainer.precision=bf16", ["trainer.precision must be one of", "bf16-mixed"]),
     ("trainer.preempt_signals=[SIGFOO]", ["SIGFOO"]),
-    ("trainer.fsdp_wrap_layers=[LlamaLayer]", ["'LlamaLayer'", "LlamaDecoderLayer"]),
+    ("trainer.fsdp_wrap_layers=[Kosmos2Block]", ["'Kosmos2Block'", "Kosmos2TextBlock"]),
 ])
 def test_config_errors(run, capsys, override, needles):
     folder, overrides = run

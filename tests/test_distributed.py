@@ -131,8 +131,8 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(tmp_path, monkeypat
     state = torch.load(tmp_path / "fsdp" / "instruct" / "checkpoints" / "last.ckpt", weights_only=True)
     single_state = torch.load(tmp_path / "single" / "instruct" / "checkpoints" / "last.ckpt", weights_only=True)
     assert {k: v.shape for k, v in state["state_dict"].items()} == {k: v.shape for k, v in single_state["state_dict"].items()}
-    # Adam state only for trainable weights. One process has it only for those that got a gradient (captions:
-    # no image, so no ViT/resampler gradient); FSDP gives the unused weights of a used unit zero gradients.
+    # Adam state only for trainable weights. One process has it only for those that got a gradient; FSDP gives
+    # the unused weights of a used unit zero gradients.
     assert len(single_state["optimizer_states"][0]["state"]) <= len(state["optimizer_states"][0]["state"]) \
         <= len(state["state_dict"])
     single_aligner = safetensors(tmp_path / "single" / "instruct" / "export" / "aligner")

@@ -28,14 +28,14 @@ def _batch(data):
     return batch
 
 
-def test_trainable_parameters_are_mllm_resampler_last_vit_block_and_m(stage):
+def test_trainable_parameters_are_mllm_connector_last_vit_block_and_m(stage):
     module, _ = stage
     mllm = module.mllm
-    depth = len(mllm.vision.vit.blocks)
-    expected = {f"mllm.lm.{n}" for n, _ in mllm.lm.named_parameters()}
-    expected |= {f"mllm.resampler.{n}" for n, _ in mllm.resampler.named_parameters()}
-    expected |= {f"mllm.vision.vit.{n}" for n, _ in mllm.vision.vit.named_parameters()
-                 if n.startswith((f"blocks.{depth - 1}.", "norm."))}
+    depth = len(mllm.vision_model.model.encoder.layers)
+    expected = {f"mllm.text_model.{n}" for n, _ in mllm.text_model.named_parameters()}
+    expected |= {f"mllm.image_to_text_projection.{n}" for n, _ in mllm.image_to_text_projection.named_parameters()}
+    expected |= {f"mllm.vision_model.model.{n}" for n, _ in mllm.vision_model.model.named_parameters()
+                 if n.startswith((f"encoder.layers.{depth - 1}.", "post_layernorm."))}
     m_ids = {id(p) for p in module.aligner.m_parameters()}
     expected |= {f"aligner.{n}" for n, p in module.aligner.named_parameters() if id(p) in m_ids}
     assert set(trainable_names(module)) == expected
@@ -56,10 +56,10 @@ def test_unet_and_vae_get_no_gradient_and_do_not_change(stage):
     loss = module.training_step(_batch(data), 0)
     loss.backward()
     assert all(p.grad is None for p in module.diffusion.parameters())
-    assert module.mllm.lm.model.embed_tokens.weight.grad is not None  # gradients reach the MLLM
+    assert module.mllm.text_model.model.embed_tokens.weight.grad is not None  # gradients reach the MLLM
     opt.step()
     assert all(torch.equal(p, frozen[n]) for n, p in module.diffusion.named_parameters())
-    assert module.mllm.lm.model.embed_tokens.weight.grad.abs().sum() > 0
+    assert module.mllm.text_model.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
 def test_cfg_dropout_rate_is_honoured(stage):

@@ -1,25 +1,32 @@
-"""MultimodalLM: the image path (ViT -> resampler -> placeholders), loss, freezing, save/load, paper size."""
+"""MultimodalLM: the image path (ViT -> connector -> slots), loss, freezing, FSDP-safe text-only path, save/load,
+equivalence with transformers' Kosmos2Model, paper size."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 
 from kosmos_g.config import load_config
 from kosmos_g.models.mllm import MultimodalLM, build_mllm
-from kosmos_g.models.tokenizers import IMAGE_END, IMAGE_PAD, IMAGE_START, train_mllm_tokenizer
-from kosmos_g.models.vision import VisionEncoder
+from kosmos_g.models.tokenizers import IMAGE_START, train_clip_tokenizer, train_mllm_tokenizer
 from kosmos_g.processor import KosmosGProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
+from benchmarks.memory_plan import VocabStub  # noqa: E402
 
 CORPUS = ["a red circle next to a blue square", "a green triangle on the grass", "a photo of a dog wearing a hat"]
 
 
 @pytest.fixture(scope="module")
 def model_cfg():
-    return load_config(["model=tiny"]).model  # llm 64 wide, ViT 32 wide at 32 px, 8 image tokens
+    return load_config(["model=tiny"]).model  # decoder 64 wide, ViT 32 wide at 32 px, 8 image tokens
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +70,17 @@ def block_starts(batch) -> list[tuple[int, int]]:
     return [tuple(x) for x in starts.nonzero().tolist()]
 
 
-def test_placeholders_hold_exactly_the_resampler_outputs(model, processor, tokenizer):
+def test_placeholders_hold_exactly_the_connector_outputs(model, processor, tokenizer):
     batch = make_batch(processor)
     captured = []
-    handle = model.resampler.register_forward_hook(lambda mod, args, out: captured.append(out.detach()))
+    handle = model.image_to_text_projection.register_forward_hook(lambda mod, args, out: captured.append(out[0].detach()))
     try:
         with torch.no_grad():
             embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_mask"])
-            expected = model.resampler(model.vision(batch["pixel_values"]))  # computed independently
+            # computed independently: all ViT tokens -> post_layernorm -> L2 -> connector
+            tokens = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+            tokens = F.normalize(model.vision_model.model.post_layernorm(tokens), dim=-1)
+            expected = model.image_to_text_projection(tokens)[0]
     finally:
         handle.remove()
     n, mask = model.config.num_image_tokens, batch["image_mask"]
@@ -81,11 +91,12 @@ def test_placeholders_hold_exactly_the_resampler_outputs(model, processor, token
     assert [i for i, _ in starts] == [0, 0, 1]
     for k, (i, start) in enumerate(starts):
         torch.testing.assert_close(embeds[i, start:start + n], expected[k])
-    # Every other position holds its token embedding, and no placeholder keeps the <image_pad> embedding.
-    table = model.lm.get_input_embeddings().weight.detach()
+    # Every other position holds its token embedding, and no slot keeps the <image> embedding.
+    table = model.get_input_embeddings().weight.detach()
     torch.testing.assert_close(embeds[~mask], table[batch["input_ids"][~mask]], rtol=0, atol=0)
-    assert not torch.isclose(embeds[mask], table[tokenizer.convert_tokens_to_ids(IMAGE_PAD)]).all(-1).any()
-    # Without image_mask, the placeholders are found through config.image_pad_token_id.
+    assert not torch.isclose(embeds[mask], table[tokenizer.convert_tokens_to_ids(IMAGE_START)]).all(-1).any()
+    # Without image_mask, the slots are found from the ids (an <image> after an <image>).
+    assert torch.equal(model.placeholder_mask(batch["input_ids"]), mask)
     with torch.no_grad():
         torch.testing.assert_close(model.embed(batch["input_ids"], batch["pixel_values"]), embeds, rtol=0, atol=0)
 
@@ -106,7 +117,7 @@ def test_encode_reads_images_causally_and_per_sample(model, processor):
     # encode returns the states after the final norm: the LM head applied to them gives the logits.
     with torch.no_grad():
         logits = model(**{k: batch[k] for k in args}).logits
-    torch.testing.assert_close(model.lm.lm_head(h), logits)
+    torch.testing.assert_close(model.text_model.lm_head(h), logits)
 
 
 def test_image_count_mismatch_is_a_clear_error(model, processor, tokenizer):
@@ -143,26 +154,61 @@ def test_loss_is_next_token_cross_entropy_on_text_only(model, processor):
     torch.testing.assert_close(naive.loss, naive2.loss)
 
 
-def test_lock_vision_trains_lm_resampler_last_vit_block_and_norm(model_cfg, tokenizer, processor):
+def test_lock_vision_trains_decoder_connector_last_vit_block_and_norm(model_cfg, tokenizer, processor):
     model = fresh_model(model_cfg, tokenizer)
     model.lock_vision()
     model.train()
     names = [n for n, _ in model.named_parameters()]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n.split(".")[0] for n in names} == {"lm", "vision", "resampler"}
-    expected = {n for n in names if n.startswith(("lm.", "resampler.", "vision.vit.blocks.1.", "vision.vit.norm."))}
+    assert {n.split(".")[0] for n in names} == {"text_model", "vision_model", "image_to_text_projection"}
+    expected = {n for n in names if n.startswith(("text_model.", "image_to_text_projection.",
+                                                  "vision_model.model.encoder.layers.1.",
+                                                  "vision_model.model.post_layernorm."))}
     assert trainable == expected
-    assert set(names) - trainable == {n for n in names if n.startswith("vision.vit.")} - expected
-    assert {"vision.vit.cls_token", "vision.vit.pos_embed", "vision.vit.patch_embed.proj.weight",
-            "vision.vit.norm_pre.weight", "vision.vit.blocks.0.attn.qkv.weight"} <= set(names) - trainable
+    assert set(names) - trainable == {n for n in names if n.startswith("vision_model.")} - expected
+    assert {"vision_model.model.embeddings.class_embedding", "vision_model.model.embeddings.position_embedding.weight",
+            "vision_model.model.embeddings.patch_embedding.weight", "vision_model.model.pre_layrnorm.weight",
+            "vision_model.model.encoder.layers.0.self_attn.q_proj.weight"} <= set(names) - trainable
     # Frozen ViT parts stay in eval mode under train(); the unlocked block trains.
-    vit = model.vision.vit
-    assert not any(m.training for m in [*vit.blocks[0].modules(), vit.patch_embed, vit.norm_pre])
-    assert vit.blocks[1].training and vit.norm.training and model.resampler.training and model.lm.training
-    # Gradients reach exactly the trainable parameters, through the placeholders into the ViT.
+    vit = model.vision_model.model
+    assert not any(m.training for m in [*vit.encoder.layers[0].modules(), vit.embeddings, vit.pre_layrnorm])
+    assert vit.encoder.layers[1].training and vit.post_layernorm.training
+    assert model.image_to_text_projection.training and model.text_model.training
+    # Gradients reach exactly the trainable parameters, through the slots into the ViT.
     model(**make_batch(processor)).loss.backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
-    assert vit.blocks[1].attn.qkv.weight.grad.abs().sum() > 0 and model.resampler.latents.grad.abs().sum() > 0
+    assert vit.encoder.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.image_to_text_projection.latent_query.grad.abs().sum() > 0
+    model.lock_vision(0, False)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    with pytest.raises(ValueError, match="unlocked_last_blocks"):
+        model.lock_vision(unlocked_last_blocks=3)
+
+
+def test_text_only_batch_runs_vision_on_a_dummy_with_zero_effect(model_cfg, tokenizer, processor):
+    """FSDP: every rank must run the same modules, also when its batch has no image (issue 16)."""
+    model = fresh_model(model_cfg, tokenizer)
+    model.lock_vision()
+    model.train()
+    torch.manual_seed(0)  # dropout off in the tiny preset; fixed anyway
+    batch = processor.collate([processor("a red circle next to a blue square"), processor.null_prompt()])
+    calls = []
+    handle = model.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = model(**batch)
+    finally:
+        handle.remove()
+    assert calls == [1]  # the tower ran, on one dummy image
+    # The result is exactly the text-only computation (decoder alone, no image anywhere).
+    with torch.no_grad():
+        h = model.text_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).last_hidden_state
+    torch.testing.assert_close(out.logits, model.text_model.lm_head(h), rtol=0, atol=0)
+    out.loss.backward()
+    vision_grads = [p.grad for p in [*model.vision_model.parameters(), *model.image_to_text_projection.parameters()]
+                    if p.requires_grad]
+    assert vision_grads and all(g is not None and torch.isfinite(g).all() and not g.any() for g in vision_grads)
+    assert all(torch.isfinite(p.grad).all() for p in model.text_model.parameters() if p.grad is not None)
 
 
 def test_activation_checkpointing_keeps_loss_and_gradients(model_cfg, tokenizer, processor):
@@ -175,8 +221,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(model_cfg, tokenizer,
     model.zero_grad(set_to_none=True)
 
     model.set_activation_checkpointing(True)
-    assert model.vision.vit.grad_checkpointing
-    assert all(layer.gradient_checkpointing for layer in model.lm.model.layers)
+    assert model.vision_model.model.encoder.gradient_checkpointing and model.text_model.model.gradient_checkpointing
     loss = model(**batch).loss
     loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -184,31 +229,38 @@ def test_activation_checkpointing_keeps_loss_and_gradients(model_cfg, tokenizer,
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], msg=n)
     model.set_activation_checkpointing(False)
-    assert not model.vision.vit.grad_checkpointing
-    assert not any(layer.gradient_checkpointing for layer in model.lm.model.layers)
+    assert not model.vision_model.model.encoder.gradient_checkpointing
+    assert not model.text_model.model.gradient_checkpointing
 
 
 def test_clip_weights_load_and_whole_model_round_trips(model_cfg, tokenizer, processor, tmp_path):
-    # A CLIP file for the tiny ViT (timm layout; open_clip/OpenAI layouts are covered in test_vision.py).
+    # A transformers CLIP folder for the tiny tower (open_clip/OpenAI layouts are covered in test_vision.py).
+    v = model_cfg.vision
     torch.manual_seed(123)
-    clip = VisionEncoder.from_config(model_cfg.vision.model_name, model_cfg.vision.img_size, None,
-                                     **model_cfg.vision.timm_kwargs)
-    torch.save(clip.vit.state_dict(), tmp_path / "clip.pt")
-    cfg = load_config(["model=tiny", f"model.vision.weights_path={tmp_path / 'clip.pt'}"]).model
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        image_size=v.img_size, patch_size=v.patch_size, hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, intermediate_size=v.ffn_dim))
+    clip.save_pretrained(tmp_path / "clip")
+    cfg = load_config(["model=tiny", f"model.vision.weights_path={tmp_path / 'clip'}"]).model
     model = fresh_model(cfg, tokenizer).eval()
-    for name, value in clip.vit.state_dict().items():
-        assert torch.equal(model.vision.vit.state_dict()[name], value), name
+    ours = model.vision_model.state_dict()
+    for name, value in clip.state_dict().items():
+        assert torch.equal(ours["model." + name.removeprefix("vision_model.")], value), name
 
     model.save_pretrained(tmp_path / "mllm")
     loaded = MultimodalLM.from_pretrained(tmp_path / "mllm").eval()  # ViT rebuilt from config, no CLIP file
-    for key in ("vision_model_name", "vision_img_size", "vision_timm_kwargs", "num_image_tokens",
-                "resampler_heads", "image_pad_token_id", "hidden_size"):
-        assert getattr(loaded.config, key) == getattr(model.config, key), key
+    for sub in ("text_config", "vision_config"):
+        ignore = {"dtype", "_name_or_path"}  # the loaded config records the saved dtype
+        a, b = getattr(loaded.config, sub).to_dict(), getattr(model.config, sub).to_dict()
+        assert {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}, sub
+    assert loaded.config.num_image_tokens == model.config.num_image_tokens == 8
+    assert loaded.config.image_token_id == tokenizer.convert_tokens_to_ids(IMAGE_START)
     saved, restored = model.state_dict(), loaded.state_dict()
     assert saved.keys() == restored.keys()
-    assert {k.split(".")[0] for k in restored} == {"lm", "vision", "resampler"}
+    assert {k.split(".")[0] for k in restored} == {"text_model", "vision_model", "image_to_text_projection"}
     for key in saved:
         assert torch.equal(saved[key], restored[key]), key
+    assert loaded.text_model.lm_head.weight is loaded.text_model.model.embed_tokens.weight  # tied, as the original
     batch = make_batch(processor)
     with torch.no_grad():
         a, b = model(**batch), loaded(**batch)
@@ -219,20 +271,37 @@ def test_clip_weights_load_and_whole_model_round_trips(model_cfg, tokenizer, pro
         build_mllm(missing, tokenizer)
 
 
-class PaperTokenizer:
-    """What build_mllm reads from a tokenizer: a 32k SentencePiece vocabulary plus the 3 image tokens."""
+def test_state_dict_keys_are_kosmos2s(model):
+    """The converter writes transformers' Kosmos2ForConditionalGeneration names: they must load as they are."""
+    stock = transformers.Kosmos2ForConditionalGeneration(transformers.Kosmos2Config(
+        text_config=model.config.text_config.to_dict(), vision_config=model.config.vision_config.to_dict(),
+        latent_query_num=model.config.latent_query_num))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(stock) == shapes(model)
+    stock.load_state_dict(model.state_dict(), strict=True)
 
-    pad_token_id, bos_token_id, eos_token_id, unk_token_id = 0, 1, 2, 0
-    extra = {IMAGE_START: 32000, IMAGE_END: 32001, IMAGE_PAD: 32002}
 
-    def __init__(self, with_image_tokens: bool = True):
-        self.vocab = dict(self.extra) if with_image_tokens else {}
+@pytest.mark.parametrize("pad_first", [False, True])
+def test_condition_equals_stock_kosmos2_model(model, processor, pad_first):
+    """The condition (final layer_norm at every position) equals transformers' Kosmos2Model's, one image per sample.
 
-    def __len__(self):
-        return 32000 + len(self.vocab)
-
-    def convert_tokens_to_ids(self, token):
-        return self.vocab.get(token, self.unk_token_id)
+    Kosmos2Model is an independent implementation (measured equal to the original decoder, SPEC.md)."""
+    stock = transformers.Kosmos2Model(transformers.Kosmos2Config(
+        text_config=model.config.text_config.to_dict(), vision_config=model.config.vision_config.to_dict(),
+        latent_query_num=model.config.latent_query_num)).eval()
+    sd = {k: v for k, v in model.state_dict().items() if k != "text_model.lm_head.weight"}  # no LM head there
+    stock.load_state_dict(sd, strict=True)
+    prompts = [processor("<i> a red circle next to a blue square", images=[noise_image(3)]),
+               processor("a dog <i>", images=[noise_image(4)])]
+    batch = processor.collate(prompts[::-1] if pad_first else prompts)  # right padding in either row
+    with torch.no_grad():
+        ours = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_mask"])
+        theirs = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"],
+                       image_embeds_position_mask=batch["image_mask"].long()).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
 
 
 def count(module) -> int:
@@ -242,20 +311,27 @@ def count(module) -> int:
 def test_paper_preset_on_meta_device_has_paper_size():
     cfg = load_config(["model=paper", "model.vision.weights_path=null", "model.llm.tokenizer_path=null",
                        "model.diffusion_path=null"]).model
-    with torch.device("meta"):
-        model = build_mllm(cfg, PaperTokenizer())
+    with torch.device("meta"):  # the original tokenizer's size and ids (test_tokenizer.py checks the real one)
+        model = build_mllm(cfg, VocabStub(64007))
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])  # nothing allocated
-    lm, vit, resampler = count(model.lm), count(model.vision), count(model.resampler)
-    # Exact sizes (vocab 32003, SwiGLU 5504, untied head): LM 1,345,435,648; ViT-L/14 303,179,776;
-    # resampler 52,592,640. LM + resampler = 1,398,028,288, in the paper's 1.3-1.6B.
-    assert (lm, vit, resampler) == (1_345_435_648, 303_179_776, 52_592_640)
-    assert 1.3e9 <= lm + resampler <= 1.6e9
-    assert model.vision.num_tokens == 257 and model.vision.width == 1024
-    assert model.resampler.num_latents == 64 and model.resampler.llm_width == 2048
-    assert model.config.image_pad_token_id == 32002 and model.lm.config.vocab_size == 32003
+    text, vit, connector = count(model.text_model), count(model.vision_model), count(model.image_to_text_projection)
+    # Exact sizes: decoder 1,340,180,480 (24 x 2048, FFN 8192, vocab 64007, head tied to the embeddings:
+    # the original's 1.3B); CLIP ViT-L/14 image tower 303,179,776; connector 19,015,680 (dense 1024->2048,
+    # 64 latent queries, one 32-head attention).
+    assert (text, vit, connector) == (1_340_180_480, 303_179_776, 19_015_680)
+    assert model.config.text_config.vocab_size == 64007 and model.config.image_token_id == 64003
+    assert model.config.num_image_tokens == 64 and model.config.vision_config.image_size == 224
+    t, v = model.config.text_config, model.config.vision_config
+    assert (t.embed_dim, t.layers, t.attention_heads, t.ffn_dim, t.activation_function) == (2048, 24, 32, 8192, "gelu")
+    assert (t.dropout, t.attention_dropout, t.layer_norm_eps, t.scale_embedding) == (0.1, 0.1, 1e-5, True)
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.patch_size,
+            v.hidden_act) == (1024, 24, 16, 4096, 14, "quick_gelu")
+    model.lock_vision()
+    trainable = sum(p.numel() for p in model.vision_model.parameters() if p.requires_grad)
+    assert trainable == 12_596_224 + 2048  # one ViT-L block + post_layernorm
 
 
-def test_tokenizer_without_image_pad_is_rejected():
+def test_tokenizer_with_another_special_layout_is_rejected():
     cfg = load_config(["model=tiny"]).model
-    with pytest.raises(ValueError, match="no <image_pad> token"):
-        build_mllm(cfg, PaperTokenizer(with_image_tokens=False))
+    with pytest.raises(ValueError, match=r"at ids 0..3"):
+        build_mllm(cfg, train_clip_tokenizer(CORPUS, vocab_size=300))

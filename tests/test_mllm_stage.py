@@ -23,13 +23,13 @@ def stage(tiny_overrides):
 def test_trainable_parameters_are_the_papers(stage):
     module, _ = stage
     names = set(trainable_names(module))
-    depth = len(module.mllm.vision.vit.blocks)
-    lm = {f"mllm.lm.{n}" for n, _ in module.mllm.lm.named_parameters()}
-    resampler = {f"mllm.resampler.{n}" for n, _ in module.mllm.resampler.named_parameters()}
-    vit_last = {f"mllm.vision.vit.{n}" for n, _ in module.mllm.vision.vit.named_parameters()
-                if n.startswith((f"blocks.{depth - 1}.", "norm."))}
-    assert names == lm | resampler | vit_last
-    assert vit_last and not any(f"blocks.{depth - 2}." in n for n in names)
+    depth = len(module.mllm.vision_model.model.encoder.layers)
+    text = {f"mllm.text_model.{n}" for n, _ in module.mllm.text_model.named_parameters()}
+    connector = {f"mllm.image_to_text_projection.{n}" for n, _ in module.mllm.image_to_text_projection.named_parameters()}
+    vit_last = {f"mllm.vision_model.model.{n}" for n, _ in module.mllm.vision_model.model.named_parameters()
+                if n.startswith((f"encoder.layers.{depth - 1}.", "post_layernorm."))}
+    assert names == text | connector | vit_last
+    assert vit_last and not any(f"layers.{depth - 2}." in n for n in names if n.startswith("mllm.vision_model."))
 
 
 def test_loss_is_on_text_tokens_only(stage):

@@ -28,7 +28,7 @@ def seeded(seed: int) -> torch.Generator:
 
 @pytest.fixture(scope="module")
 def pipe():
-    """Tiny random parts: tiny-preset MLLM (with ViT + resampler), 1+1-layer aligner, tiny U-Net/VAE."""
+    """Tiny random parts: tiny-preset MLLM (with ViT + connector), 1+1-layer aligner, tiny U-Net/VAE."""
     return build_tiny_pipeline(seed=0, image_size=SIZE, cross_attention_dim=DIM)
 
 
@@ -119,10 +119,10 @@ def test_interleaved_prompt_forms_agree_and_images_matter(dpm):
         dpm("a <i> wearing <i>", images=[dog])
 
 
-def test_default_negative_is_the_empty_prompt_condition(pipe):
+def test_default_negative_is_the_null_prompt_condition(pipe):
     processor = pipe.processor
-    empty = processor("")
-    assert empty.input_ids.tolist() == [processor.tokenizer.bos_token_id, processor.tokenizer.eos_token_id]
+    empty = processor.null_prompt()
+    assert empty.input_ids.tolist() == [processor.tokenizer.bos_token_id]  # `<s>` alone, as in the original
     with torch.no_grad():
         null = condition(pipe.mllm, pipe.aligner, processor.collate([empty]))
     embeds, negative = pipe.encode_prompt("a <i> on the beach", images=[noise_image(0)], num_images_per_prompt=3)
@@ -130,7 +130,12 @@ def test_default_negative_is_the_empty_prompt_condition(pipe):
     for row in negative:
         torch.testing.assert_close(row, null[0])
     torch.testing.assert_close(pipe.encode_prompt("a dog", negative_prompt="")[1], null)
-    assert not torch.allclose(pipe.encode_prompt("a dog", negative_prompt="blurry")[1], null)
+    blurry = pipe.encode_prompt("a dog", negative_prompt="blurry")[1]
+    assert not torch.allclose(blurry, null)  # a negative prompt is `<s>` + its tokens
+    with torch.no_grad():
+        expected = condition(pipe.mllm, pipe.aligner, processor.collate([processor("blurry")]))
+    torch.testing.assert_close(blurry, expected)
+    assert processor("blurry").input_ids.tolist() == [processor.tokenizer.bos_token_id] + processor.text_ids("blurry")
     assert pipe.encode_prompt("a dog", do_classifier_free_guidance=False)[1] is None
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from kosmos_g.config import load_config
-from kosmos_g.models.tokenizers import (BOS, EOS, IMAGE_END, IMAGE_PAD, IMAGE_START, train_clip_tokenizer,
+from kosmos_g.models.tokenizers import (BOS, EOS, IMAGE_END, IMAGE_START, PAD, train_clip_tokenizer,
                                         train_mllm_tokenizer)
 from kosmos_g.processor import CLIP_MEAN, CLIP_STD, Encoded, KosmosGProcessor, PromptError
 
@@ -47,23 +47,32 @@ def test_both_prompt_forms_give_the_same_encoding(processor):
 
 
 def test_document_layout_and_masks(processor, tokenizer):
+    """The original's layout: `<s>` text (N + 1) x `<image>` `</image>` text ..., no `</s>`; slots = the N after
+    the first `<image>` of a block."""
     enc = processor("a red circle <i> next to <i>", images=[RED, BLUE])
     ids = enc.input_ids.tolist()
-    bos, eos, start, end, pad = ids_of(tokenizer, BOS, EOS, IMAGE_START, IMAGE_END, IMAGE_PAD)
+    bos, eos, start, end = ids_of(tokenizer, BOS, EOS, IMAGE_START, IMAGE_END)
     text1 = tokenizer("a red circle", add_special_tokens=False).input_ids
     text2 = tokenizer("next to", add_special_tokens=False).input_ids
-    block = [start] + [pad] * N + [end]
-    assert ids == [bos] + text1 + block + text2 + block + [eos]
-    assert ids[0] == bos and ids[-1] == eos and ids.count(bos) == 1 and ids.count(eos) == 1
+    block = [start] * (N + 1) + [end]
+    assert ids == [bos] + text1 + block + text2 + block
+    assert ids[0] == bos and ids.count(bos) == 1 and eos not in ids
 
-    # image_mask: exactly the placeholders; loss_mask: exactly the text tokens and </s>.
-    assert enc.image_mask.tolist() == [i == pad for i in ids]
-    text_or_eos = [False] + [True] * len(text1) + [False] * len(block) + [True] * len(text2) + [False] * len(block) + [True]
-    assert enc.loss_mask.tolist() == text_or_eos
+    # image_mask: exactly the slots; loss_mask: exactly the text tokens.
+    slots = [False] + [True] * N + [False]
+    assert enc.image_mask.tolist() == [False] * (1 + len(text1)) + slots + [False] * len(text2) + slots
+    text = [False] + [True] * len(text1) + [False] * len(block) + [True] * len(text2) + [False] * len(block)
+    assert enc.loss_mask.tolist() == text
     assert not (enc.loss_mask & enc.image_mask).any()
-    for special in (bos, start, end, pad):
+    for special in (bos, start, end):
         assert not enc.loss_mask[enc.input_ids == special].any()
     assert enc.image_mask.dtype == enc.loss_mask.dtype == torch.bool and enc.input_ids.dtype == torch.long
+
+
+def test_special_ids_follow_the_original_layout(tokenizer):
+    """`<s> <pad> </s> <unk>` = 0..3 as in fairseq's dictionary; the image tokens are named specials after the pieces."""
+    assert ids_of(tokenizer, BOS, PAD, EOS, IMAGE_START, IMAGE_END) == [0, 1, 2, len(tokenizer) - 4, len(tokenizer) - 3]
+    assert tokenizer.pad_token_id == 1 and tokenizer.bos_token_id == 0
 
 
 def test_pixels_are_clip_normalised_center_crops_in_prompt_order(processor):
@@ -82,7 +91,11 @@ def test_text_only_prompt(processor, tokenizer):
     enc = processor("a green triangle")
     assert enc.pixel_values.shape == (0, 3, SIZE, SIZE)
     assert not enc.image_mask.any() and enc.loss_mask[1:].all() and not enc.loss_mask[0]
-    assert processor("").input_ids.tolist() == ids_of(tokenizer, BOS, EOS)
+    assert enc.input_ids.tolist()[-1] != tokenizer.eos_token_id
+    # The null prompt (classifier-free guidance) is `<s>` alone; so is an empty prompt.
+    null = processor.null_prompt()
+    assert null.input_ids.tolist() == processor("").input_ids.tolist() == ids_of(tokenizer, BOS)
+    assert not null.loss_mask.any() and not null.image_mask.any() and null.pixel_values.shape == (0, 3, SIZE, SIZE)
 
 
 def test_prompt_errors_name_the_problem(processor):
@@ -124,7 +137,7 @@ def test_collate_pads_right_and_masks(processor, tokenizer):
     for i, enc in enumerate([long, short, text]):
         n = len(enc.input_ids)
         assert torch.equal(batch["input_ids"][i, :n], enc.input_ids)
-        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
+        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all() and tokenizer.pad_token_id == 1
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (L - n)
         assert torch.equal(batch["image_mask"][i, :n], enc.image_mask) and not batch["image_mask"][i, n:].any()
         expected = torch.where(enc.loss_mask, enc.input_ids, -100)
@@ -140,8 +153,7 @@ def test_save_and_load_round_trip(processor, tmp_path):
     processor.save_pretrained(tmp_path / "processor")
     loaded = KosmosGProcessor.from_pretrained(tmp_path / "processor")
     assert (loaded.num_image_tokens, loaded.image_size, loaded.max_length) == (N, SIZE, 64)
-    assert (loaded.image_start_id, loaded.image_end_id, loaded.image_pad_id) == \
-        (processor.image_start_id, processor.image_end_id, processor.image_pad_id)
+    assert (loaded.image_start_id, loaded.image_end_id) == (processor.image_start_id, processor.image_end_id)
     prompt = ("a photo of <i> wearing <i> on the grass", [RED, BLUE])
     a, b = processor(*prompt), loaded(*prompt)
     for field in ("input_ids", "image_mask", "loss_mask", "pixel_values"):
@@ -158,3 +170,4 @@ def test_from_config_uses_the_model_preset(tokenizer):
     assert processor.max_length == model_cfg.llm.max_positions == 256
     enc = processor("<i>", images=[RED])
     assert isinstance(enc, Encoded) and int(enc.image_mask.sum()) == 8 and enc.pixel_values.shape[-1] == 32
+    assert len(enc.input_ids) == 1 + 9 + 1  # <s>, 9 x <image>, </image>

@@ -14,14 +14,13 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointWrapper,
                                                                         apply_activation_checkpointing,
                                                                         checkpoint_wrapper)
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextBlock, Kosmos2VisionEncoderLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
 from benchmarks import memory_plan  # noqa: E402
@@ -30,7 +29,7 @@ from kosmos_g.models.aligner import AlignerDecoderLayer, AlignerEncoderLayer
 from kosmos_g.scale import build_strategy, ignored_modules, layer_classes, prepare_module
 from kosmos_g.stages.common import configure_adamw, trainable_names, trainable_state_dict
 
-PAPER_UNITS = {LlamaDecoderLayer, Block, AlignerEncoderLayer, AlignerDecoderLayer}
+PAPER_UNITS = {Kosmos2TextBlock, Kosmos2VisionEncoderLayer, AlignerEncoderLayer, AlignerDecoderLayer}
 
 
 def trainer_cfg(preset: str, *overrides: str):
@@ -51,7 +50,6 @@ def test_cpu_and_ddp_presets():
     for t in (trainer_cfg("ddp"), trainer_cfg("cpu", "trainer.devices=2")):  # several devices: DDP, not ddp_spawn
         strategy = build_strategy(t)
         assert isinstance(strategy, DDPStrategy) and not isinstance(strategy, FSDPStrategy)
-        # stage mllm: a text-only batch gives the ViT/resampler no gradient on that rank
         assert strategy._ddp_kwargs["find_unused_parameters"] is True
 
 
@@ -80,16 +78,16 @@ def test_fsdp_presets_build_the_paper_strategy(preset, half, scaler):
 
 
 def test_unknown_layer_class_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"trainer.fsdp_wrap_layers has 'LlamaLayer'.*LlamaDecoderLayer"):
-        build_strategy(trainer_cfg("a100_fsdp", "trainer.fsdp_wrap_layers=[LlamaLayer]"))
+    with pytest.raises(ConfigError, match=r"trainer.fsdp_wrap_layers has 'Kosmos2Block'.*Kosmos2TextBlock"):
+        build_strategy(trainer_cfg("a100_fsdp", "trainer.fsdp_wrap_layers=[Kosmos2Block]"))
     assert layer_classes(["torch.nn:Linear"], "k") == {nn.Linear}
 
 
 @pytest.mark.parametrize("stage,units,ignored", [
-    ("mllm", {LlamaDecoderLayer: 24, Block: 24}, []),
-    ("align", {LlamaDecoderLayer: 24, Block: 24, AlignerEncoderLayer: 24, AlignerDecoderLayer: 24},
+    ("mllm", {Kosmos2TextBlock: 24, Kosmos2VisionEncoderLayer: 24}, []),
+    ("align", {Kosmos2TextBlock: 24, Kosmos2VisionEncoderLayer: 24, AlignerEncoderLayer: 24, AlignerDecoderLayer: 24},
      ["text_encoder"]),
-    ("instruct", {LlamaDecoderLayer: 24, Block: 24, AlignerEncoderLayer: 24, AlignerDecoderLayer: 24},
+    ("instruct", {Kosmos2TextBlock: 24, Kosmos2VisionEncoderLayer: 24, AlignerEncoderLayer: 24, AlignerDecoderLayer: 24},
      ["diffusion"]),
 ])
 def test_wrap_policy_on_the_paper_model(paper, stage, units, ignored):
@@ -108,7 +106,7 @@ def test_wrap_policy_on_the_paper_model(paper, stage, units, ignored):
     inside_ignored = {id(m) for root in left_out for m in root.modules()}
     assert not any(id(m) in inside_ignored for m in wrapped)
     # the ViT keeps its last block trainable: that unit mixes nothing, the frozen ones are all frozen
-    blocks = module.mllm.vision.vit.blocks
+    blocks = module.mllm.vision_model.model.encoder.layers
     assert {p.requires_grad for p in blocks[-1].parameters()} == {stage != "align"}
     assert {p.requires_grad for p in blocks[0].parameters()} == {False}
 
@@ -150,15 +148,14 @@ def _grads(root: nn.Module):
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     px = torch.randn(2, 3, 32, 32)
-    states = root.mllm.lm.model(inputs_embeds=torch.cat([root.mllm.image_embeddings(px), root.mllm.lm.get_input_embeddings()(ids)], 1),
-                                attention_mask=torch.cat([torch.ones(2, 8, dtype=torch.long), mask], 1),
-                                use_cache=False).last_hidden_state  # as MultimodalLM.encode: a cache would
-    # be appended to again when the layer is recomputed
+    slots = torch.cat([torch.ones(2, 8, dtype=torch.bool), torch.zeros(2, 12, dtype=torch.bool)], 1)  # 1 image each
+    states = root.mllm.encode(torch.cat([torch.full((2, 8), 5), ids], 1),
+                              torch.cat([torch.ones(2, 8, dtype=torch.long), mask], 1), px, slots)
     cond = root.aligner.encode(states, padding_mask=torch.cat([torch.zeros(2, 8, dtype=torch.bool), mask == 0], 1))
     loss = cond.square().mean() + root.aligner.reconstruct(cond, states.shape[1]).square().mean()
     loss.backward()
     trainable = zip(trainable_names(root), (p for p in root.parameters() if p.requires_grad))
-    out = {name: p.grad.clone() for name, p in trainable if p.grad is not None}  # all but the unused LM head
+    out = {name: p.grad.clone() for name, p in trainable if p.grad is not None}
     root.zero_grad(set_to_none=True)
     return out
 
@@ -170,9 +167,10 @@ def test_strategy_activation_checkpointing_recomputes_the_same_gradients(tiny):
     apply_activation_checkpointing(wrapped, checkpoint_wrapper_fn=checkpoint_wrapper,
                                    **build_strategy(t)._activation_checkpointing_kwargs)
     n = sum(isinstance(m, CheckpointWrapper) for m in wrapped.modules())
-    assert n == 2 + 2 + 4 + 4  # 2 LM layers, 2 ViT blocks, 2+2 encoder and 2+2 decoder layers of M and N
+    assert n == 2 + 2 + 4 + 4  # 2 decoder blocks, 2 ViT layers, 2+2 encoder and 2+2 decoder layers of M and N
     ckpt = _grads(wrapped)
-    assert len(plain) == len(trainable_names(tiny)) - 1 and sorted(ckpt) == sorted(plain)  # names as in the state dict, wrapper prefixes removed
+    # every trainable parameter (the LM head is tied to the embeddings), names as in the state dict, wrapper prefixes removed
+    assert len(plain) == len(trainable_names(tiny)) and sorted(ckpt) == sorted(plain)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6)
     kept = trainable_state_dict(wrapped, {k.replace("_checkpoint_wrapped_module.", ""): v
@@ -185,10 +183,11 @@ def test_prepare_module_hands_checkpointing_to_fsdp(tiny):
     module.mllm.set_activation_checkpointing(True)
     module.aligner.set_activation_checkpointing(True)
     prepare_module(module, trainer_cfg("ddp", "trainer.activation_checkpointing=true"))
-    assert module.mllm.lm.model.gradient_checkpointing  # ddp: the model's own checkpointing stays
+    assert module.mllm.text_model.model.gradient_checkpointing  # ddp: the model's own checkpointing stays
     assert module.aligner.is_gradient_checkpointing
     prepare_module(module, trainer_cfg("a100_fsdp"))
-    assert not module.mllm.lm.model.gradient_checkpointing and not module.mllm.vision.vit.grad_checkpointing
+    assert not module.mllm.text_model.model.gradient_checkpointing
+    assert not module.mllm.vision_model.model.encoder.gradient_checkpointing
     assert not module.aligner.is_gradient_checkpointing
 
 
@@ -202,7 +201,7 @@ def test_memory_plan_of_the_paper_preset(paper):
                                                        "instruct": dict(batch=1, seq=96, images=1, px=256)},
                               parts=paper)
     stages = result["stages"]
-    assert 1.3e9 < stages["mllm"]["counts"]["trainable"] < 1.5e9  # LM + resampler + last ViT block
+    assert 1.3e9 < stages["mllm"]["counts"]["trainable"] < 1.5e9  # decoder + connector + last ViT block
     assert stages["align"]["counts"]["trainable"] == sum(p.numel() for p in paper.aligner.parameters())
     for stage, r in stages.items():
         b, n = r["bytes"], r["counts"]

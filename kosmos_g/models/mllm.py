@@ -1,195 +1,206 @@
-"""The multimodal LM: a Llama-style decoder (transformers) that reads interleaved text and images.
+"""The multimodal LM of Kosmos-G: transformers' Kosmos-2 modules, which compute the original MLLM exactly.
 
-A document is `<s> text <image> [N <image_pad>] </image> text </s>` (see `kosmos_g.processor`). As in
-Kosmos-1/Kosmos-G, each image goes through the CLIP ViT (all tokens, final norm, L2-normalised) and
-the resampler, and its N outputs overwrite the N `<image_pad>` embeddings before the decoder runs:
+A prompt is `<s> text <image> [N slots] </image> text` (see `kosmos_g.processor`; no `</s>`). Each image goes
+through the CLIP ViT (all tokens, final LayerNorm, L2-normalised) and the connector (N latent queries
+attending over the projected tokens and themselves), and its N outputs overwrite the N slot embeddings
+*before* the sqrt(d) embedding scale, as in the original decoder:
 
-    tokens = vision(pixel_values)               [num_images, T, d_vision]
-    latents = resampler(tokens)                 [num_images, N, d_llm]
-    embeds[image_mask] = latents, in order      [B, L, d_llm]
-    states = decoder(embeds)                    [B, L, d_llm]  <- `encode`, read by stages 2 and 3
+    tokens = vision_model(pixel_values)          [num_images, T, d_vision]  (post_layernorm, L2-normalised)
+    latents = image_to_text_projection(tokens)   [num_images, N, d_text]
+    embeds[image_mask] = latents, in order       [B, L, d_text]
+    states = text_model.model(embeds)            [B, L, d_text]  <- `encode`, read by stages 2 and 3
 
-The whole model (LM + ViT + resampler) is one `PreTrainedModel`: `save_pretrained` writes every weight
-into one safetensors file and `from_pretrained` rebuilds the ViT from the config alone (no CLIP file).
+Parameter names are exactly `transformers.Kosmos2ForConditionalGeneration`'s (`text_model.model.*`,
+`text_model.lm_head.weight` tied to the embeddings, `vision_model.model.*`, `image_to_text_projection.*`),
+so a Kosmos-2-layout state dict (the converted original checkpoints) loads as is. `save_pretrained` writes
+one safetensors file; `from_pretrained` rebuilds everything from the config (no CLIP file).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
+# diffusers' pipeline loader looks the base class up by name in this module (model_index.json names the module).
+from transformers import PreTrainedModel  # noqa: F401
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextSinusoidalPositionalEmbedding
 
-from kosmos_g.models.resampler import Resampler
-from kosmos_g.models.tokenizers import IMAGE_PAD
-from kosmos_g.models.vision import PAPER_MODEL_NAME, VisionEncoder
+from kosmos_g.models.tokenizers import IMAGE_START, check_special_layout
+from kosmos_g.models.vision import load_vision_weights
 
 
-class MultimodalLMConfig(PretrainedConfig):
-    """Everything needed to rebuild the model without any weight file: LM sizes, ViT and resampler settings."""
+@strict
+class MultimodalLMConfig(Kosmos2Config):
+    """Kosmos-2's config (text_config, vision_config, latent_query_num) plus the `<image>` id."""
 
     model_type = "kosmos_g_mllm"
-    sub_configs = {"text_config": LlamaConfig}
+    image_token_id: int | None = None
+    """Id of `<image>`: lets `placeholder_mask` find the slots from the ids alone."""
 
-    def __init__(self, text_config: dict | LlamaConfig | None = None, vision_model_name: str = PAPER_MODEL_NAME,
-                 vision_img_size: int = 224, vision_timm_kwargs: dict | None = None, num_image_tokens: int = 64,
-                 resampler_heads: int | None = None, image_pad_token_id: int | None = None, **kwargs):
-        if isinstance(text_config, dict) or text_config is None:
-            text_config = LlamaConfig(**(text_config or {}))
-        self.text_config = text_config
-        self.vision_model_name = vision_model_name  # a timm ViT name (CLIP ViT-L/14 in the paper)
-        self.vision_img_size = vision_img_size
-        self.vision_timm_kwargs = dict(vision_timm_kwargs or {})  # extra timm sizes (the tiny preset's)
-        self.num_image_tokens = num_image_tokens  # resampler latents = <image_pad> tokens per image
-        self.resampler_heads = resampler_heads  # None: hidden_size // 64
-        self.image_pad_token_id = image_pad_token_id  # lets `embed` find placeholders without a mask
-        super().__init__(**kwargs)
+    @property
+    def num_image_tokens(self) -> int:
+        """Connector outputs = slots per image."""
+        return self.latent_query_num
 
     @property
     def hidden_size(self) -> int:
-        return self.text_config.hidden_size
+        return self.text_config.embed_dim
 
 
-class MultimodalLM(PreTrainedModel):
-    """Llama decoder (`lm`) + CLIP ViT (`vision`) + perceiver resampler (`resampler`)."""
+class MultimodalLM(Kosmos2ForConditionalGeneration):
+    """Kosmos-2 text decoder (`text_model`) + CLIP ViT (`vision_model`) + connector (`image_to_text_projection`)."""
 
     config_class = MultimodalLMConfig
-    base_model_prefix = "mllm"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer"]
 
     def __init__(self, config: MultimodalLMConfig):
         super().__init__(config)
-        self.lm = LlamaForCausalLM(config.text_config)
-        # Random here; `build_mllm` loads CLIP weights, `from_pretrained` the saved ones.
-        self.vision = VisionEncoder.from_config(config.vision_model_name, config.vision_img_size, None,
-                                                **config.vision_timm_kwargs)
-        self.resampler = Resampler(self.vision.width, config.hidden_size, num_latents=config.num_image_tokens,
-                                   num_heads=config.resampler_heads)
-        # `post_init` initialises the LM with its own (Llama) init and the ViT/resampler layers with the
-        # generic transformers one (normal(0.02) linears, unit norms); the resampler's latents and the
-        # ViT's cls/pos embeddings keep their constructor init. On a meta device nothing is initialised.
-        self.post_init()
+        self._frozen_vision: list[str] = []  # submodules kept in eval mode by `train()`; filled by `lock_vision`
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [num_images, 3, S, S] (CLIP-normalised) -> resampled [num_images, N, d_llm]."""
-        dtype = self.resampler.proj.weight.dtype  # e.g. bf16 weights with fp32 pixels from the processor
-        return self.resampler(self.vision(pixel_values.to(dtype)))
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [num_images, 3, S, S] (CLIP-normalised) -> connector outputs [num_images, N, d_text]."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"the vision tower expects pixel_values of shape [num_images, 3, {size}, {size}], got "
+                             f"{list(pixel_values.shape)}; resize and normalise images with "
+                             f"kosmos_g.processor.clip_image_transform({size})")
+        dtype = self.image_to_text_projection.dense.weight.dtype  # e.g. bf16 weights, fp32 pixels
+        # Kosmos-2's own path: all tokens through post_layernorm, L2-normalised, then the connector.
+        return self.get_image_features(pixel_values.to(dtype), return_dict=True).pooler_output
 
-    def placeholder_mask(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """`image_mask` if given, else the positions of `config.image_pad_token_id` in `input_ids`."""
-        if image_mask is None and self.config.image_pad_token_id is not None:
-            image_mask = input_ids == self.config.image_pad_token_id
-        return None if image_mask is None else image_mask.bool()
+    def placeholder_mask(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`image_mask` if given, else the slots found in `input_ids`: an `<image>` right after an `<image>`."""
+        if image_mask is not None:
+            return image_mask.bool()
+        image = input_ids == self.config.image_token_id
+        return image & F.pad(image[:, :-1], (1, 0), value=False)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [B, L, d] whose `image_mask` positions hold the images' resampler outputs.
+        """Token embeddings [B, L, d] (before the sqrt(d) scale) whose slots hold the images' connector outputs.
 
         pixel_values: [num_images, 3, S, S], the images of sample 0 first, then sample 1... in prompt
             order (as `KosmosGProcessor.collate` makes them); None or empty for text only.
-        image_mask: [B, L] bool, True at the `<image_pad>` positions. None: taken from
-            `input_ids == config.image_pad_token_id`. Positions are filled in row-major order, so
-            image k fills the k-th run of N placeholders of the batch.
+        image_mask: [B, L] bool, True at the slots. None: found from the ids (`placeholder_mask`). Slots
+            are filled in row-major order, so image k fills the k-th run of N slots of the batch.
+
+        The vision tower and connector run on every call, on one all-zero image when the batch has none,
+        and add `0 * features.sum()`: the result is the text-only one, but every rank runs the same
+        modules (FSDP all-gathers them in the same order everywhere) and they get zero gradients.
         """
-        embeds = self.lm.get_input_embeddings()(input_ids)
+        embeds = self.text_model.model.embed_tokens(input_ids)
         image_mask = self.placeholder_mask(input_ids, image_mask)
-        if image_mask is not None and image_mask.shape != input_ids.shape:
+        if image_mask.shape != input_ids.shape:
             raise ValueError(f"image_mask has shape {list(image_mask.shape)} but input_ids {list(input_ids.shape)}; "
                              "pass the processor's image_mask for the same batch")
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        num_slots = 0 if image_mask is None else int(image_mask.sum())
-        n = self.config.num_image_tokens
+        num_slots, n = int(image_mask.sum()), self.config.num_image_tokens
         if num_slots != num_images * n:
             raise ValueError(
                 f"the batch has {num_slots} image placeholder positions but {num_images} image(s) x {n} tokens = "
-                f"{num_images * n} resampler outputs; each image needs exactly {n} {IMAGE_PAD} tokens "
-                "(build inputs with KosmosGProcessor, whose num_image_tokens must equal the model's)")
+                f"{num_images * n} connector outputs; each image needs exactly {n} slots after its first "
+                f"{IMAGE_START} (build inputs with KosmosGProcessor, whose num_image_tokens must equal the model's)")
         if num_images == 0:
-            # The ViT and connector run anyway, on one blank image whose output is multiplied by zero: under
-            # FSDP every rank must run the same sharded forwards (each all-gathers), whatever its batch holds.
-            size = self.config.vision_img_size
-            blank = torch.zeros(1, 3, size, size, device=embeds.device)
-            return embeds + 0.0 * self.image_embeddings(blank).sum().to(embeds.dtype)
-        latents = self.image_embeddings(pixel_values).to(embeds.dtype)
+            size = self.config.vision_config.image_size
+            dummy = torch.zeros(1, 3, size, size, device=input_ids.device)
+            return embeds + 0 * self.image_features(dummy).sum().to(embeds.dtype)
+        latents = self.image_features(pixel_values).to(embeds.dtype)
         # masked_scatter fills True positions in row-major order: image 0's N latents first, and so on.
         return embeds.masked_scatter(image_mask.unsqueeze(-1), latents.reshape(-1, latents.shape[-1]))
+
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """fairseq's positions: counted over non-pad tokens from padding_idx + 1 (= 2); pads get padding_idx."""
+        return Kosmos2TextSinusoidalPositionalEmbedding.create_position_ids_from_input_ids(
+            input_ids, self.config.text_config.pad_token_id)
 
     # --- outputs --------------------------------------------------------------------------------
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states [B, L, d] at every position (after the final norm): the aligner's input."""
+        """The final `layer_norm` output [B, L, d] at every position (`<s>`, text, image tokens): the condition source."""
         embeds = self.embed(input_ids, pixel_values, image_mask)
-        return self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.text_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=self.positions(input_ids), use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+                image_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutputWithCrossAttentions:
         """Next-token logits; with `labels` (-100 where no loss), also the mean cross-entropy.
 
-        Placeholder positions never count as targets, even if `labels` holds their ids: their input is
-        an image latent, not a token, so there is nothing to predict there.
+        Slots never count as targets, even if `labels` holds their ids: their input is an image latent,
+        not a token, so there is nothing to predict there.
         """
         image_mask = self.placeholder_mask(input_ids, image_mask)
         embeds = self.embed(input_ids, pixel_values, image_mask)
-        if labels is not None and image_mask is not None:
+        if labels is not None:
             labels = labels.masked_fill(image_mask, -100)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        return self.text_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                               position_ids=self.positions(input_ids), labels=labels, use_cache=False)
 
     # --- training switches ----------------------------------------------------------------------
 
     def lock_vision(self, unlocked_last_blocks: int = 1, unlock_final_norm: bool = True) -> None:
-        """Freeze the ViT except its last `unlocked_last_blocks` blocks and final norm (the paper's stages 1 and 3).
+        """Freeze the ViT except its last `unlocked_last_blocks` blocks and post_layernorm (the paper's stages 1
+        and 3). `lock_vision(0, False)` freezes it all. Frozen parts stay in eval mode under `.train()`.
+        Not saved: call again after `from_pretrained`."""
+        tower = self.vision_model.model
+        depth = len(tower.encoder.layers)
+        if not 0 <= unlocked_last_blocks <= depth:
+            raise ValueError(f"unlocked_last_blocks must be in [0, {depth}] (the vision tower has {depth} blocks), "
+                             f"got {unlocked_last_blocks}")
+        units = {"embeddings": tower.embeddings, "pre_layrnorm": tower.pre_layrnorm,
+                 **{f"encoder.layers.{i}": layer for i, layer in enumerate(tower.encoder.layers)},
+                 "post_layernorm": tower.post_layernorm}
+        unlocked = {f"encoder.layers.{i}" for i in range(depth - unlocked_last_blocks, depth)}
+        if unlock_final_norm:
+            unlocked.add("post_layernorm")
+        self._frozen_vision = [name for name in units if name not in unlocked]
+        for name, module in units.items():
+            module.requires_grad_(name in unlocked)
+        self.train(self.training)  # put the newly frozen modules into eval mode now
 
-        Frozen ViT parts stay in eval mode under `.train()`. Not saved: call again after `from_pretrained`.
-        """
-        self.vision.lock(unlocked_last_blocks, unlock_final_norm)
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        super().train(mode)
+        for name in getattr(self, "_frozen_vision", []):
+            self.vision_model.model.get_submodule(name).eval()
+        return self
 
     def set_activation_checkpointing(self, enable: bool) -> None:
-        """Recompute LM decoder layers and ViT blocks in backward (less memory, ~30% more compute)."""
-        if enable:  # `activation_checkpointing_enable` is the transformers>=5 name of gradient_checkpointing_enable
-            (getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable)()
+        """Recompute text blocks and ViT layers in backward (less memory, ~30% more compute)."""
+        # `activation_checkpointing_*` is the transformers>=5 name of `gradient_checkpointing_*`.
+        if enable:  # non-reentrant: gradients reach the last ViT block behind frozen, checkpointed ones
+            (getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
         else:
-            (getattr(self.lm, "activation_checkpointing_disable", None) or self.lm.gradient_checkpointing_disable)()
-        self.vision.set_grad_checkpointing(enable)
-
-
-def _special_id(tokenizer, token: str) -> int:
-    """The id of `token`, which must really be in the vocabulary (HF tokenizers map unknown tokens to unk)."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(f"the MLLM tokenizer has no {token} token; build it with kosmos_g.models.tokenizers or "
-                         "kosmos_g.assets.mllm_tokenizer, which add the image tokens")
-    return token_id
+            (getattr(self, "activation_checkpointing_disable", None) or self.gradient_checkpointing_disable)()
 
 
 def build_mllm(model_cfg, tokenizer) -> MultimodalLM:
     """A freshly initialised MLLM from a `ModelConfig` and its tokenizer; CLIP weights from model.vision.weights_path.
 
-    Of the tokenizer only `len()`, the pad/bos/eos ids and the `<image_pad>` id are read.
+    Of the tokenizer only `len()`, the special ids (`<s> <pad> </s> <unk>` = 0..3) and the `<image>` id are read.
     """
-    llm_cfg, vision_cfg = model_cfg.llm, model_cfg.vision
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=llm_cfg.hidden_size, num_hidden_layers=llm_cfg.num_layers,
-        num_attention_heads=llm_cfg.num_heads, num_key_value_heads=llm_cfg.num_heads,
-        intermediate_size=llm_cfg.intermediate_size, max_position_embeddings=llm_cfg.max_positions,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    check_special_layout(tokenizer)
+    llm, vision = model_cfg.llm, model_cfg.vision
     config = MultimodalLMConfig(
-        text_config=text, vision_model_name=vision_cfg.model_name, vision_img_size=vision_cfg.img_size,
-        vision_timm_kwargs=dict(vision_cfg.timm_kwargs), num_image_tokens=vision_cfg.num_image_tokens,
-        resampler_heads=vision_cfg.resampler_heads, image_pad_token_id=_special_id(tokenizer, IMAGE_PAD),
+        text_config=dict(
+            vocab_size=len(tokenizer), max_position_embeddings=llm.max_positions, embed_dim=llm.hidden_size,
+            layers=llm.num_layers, ffn_dim=llm.ffn_dim, attention_heads=llm.num_heads, activation_function="gelu",
+            dropout=llm.dropout, attention_dropout=llm.attention_dropout, activation_dropout=0.0,
+            layer_norm_eps=llm.layer_norm_eps, scale_embedding=True, tie_word_embeddings=True, use_cache=False,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(
+            hidden_size=vision.hidden_size, intermediate_size=vision.ffn_dim, num_hidden_layers=vision.num_layers,
+            num_attention_heads=vision.num_heads, image_size=vision.img_size, patch_size=vision.patch_size,
+            hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        latent_query_num=vision.num_image_tokens,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_START),
     )
-    # The CLIP tower is built first so that a bad weights_path fails before the (large) LM is built;
-    # from_config checks the file and loads it strictly through timm's converter.
-    clip = None
-    if vision_cfg.weights_path is not None:
-        clip = VisionEncoder.from_config(vision_cfg.model_name, vision_cfg.img_size, vision_cfg.weights_path,
-                                         **vision_cfg.timm_kwargs)
     model = MultimodalLM(config)
-    if clip is not None:
-        model.vision = clip  # replaces the random tower (after post_init, so its weights are not re-initialised)
+    if vision.weights_path is not None:
+        load_vision_weights(model.vision_model, vision.weights_path)
     return model

@@ -1,15 +1,15 @@
-"""The vision encoder: a CLIP ViT (timm) whose every output token feeds the resampler.
+"""CLIP ViT weights for the MLLM's vision tower (transformers' `Kosmos2VisionModel`).
 
-Kosmos-G uses CLIP ViT-L/14 at 224 px with OpenAI weights and keeps *all* 257 tokens (CLS + 16x16
-patches) after the final LayerNorm, L2-normalised; there is no CLIP projection head. Only the last
-transformer block and the final LayerNorm are trained (stages 1 and 3):
+Kosmos-G starts its vision tower from OpenAI CLIP ViT-L/14 (224 px, QuickGELU) and keeps all 257 tokens
+after the final LayerNorm, L2-normalised, with no projection head (`MultimodalLM.image_features`). This file
+only brings weights into the tower, strictly, from the layouts CLIP is distributed in:
 
-    encoder = VisionEncoder.from_config("vit_large_patch14_clip_quickgelu_224", 224, "ViT-L-14.pt")
-    encoder.lock(unlocked_last_blocks=1, unlock_final_norm=True)
-    tokens = encoder(pixel_values)  # [B, 257, 1024], each token of unit L2 norm
+    load_vision_weights(mllm.vision_model, "ViT-L-14-sd.pt")          # open_clip / OpenAI state dict
+    load_vision_weights(mllm.vision_model, "clip-vit-large-patch14/")  # transformers CLIPModel / CLIPVisionModel
 
-OpenAI's CLIP uses QuickGELU, so the timm name for its weights is the `_quickgelu_` variant; the plain
-`vit_large_patch14_clip_224` uses exact GELU and would run OpenAI weights with the wrong activation.
+The tower's names are Kosmos-2's (`model.embeddings.*`, `model.encoder.layers.*`, `model.post_layernorm.*`),
+which are those of transformers' CLIP vision model under `model.`; the open_clip mapping is the one of
+transformers' Kosmos-2 conversion script (q/k/v split from `in_proj`, `ln_post` -> `post_layernorm`).
 """
 
 from __future__ import annotations
@@ -18,207 +18,111 @@ import os
 import warnings
 import zipfile
 
-import timm
 import torch
-import torch.nn.functional as F
-from timm.models import load_state_dict as timm_load_state_dict
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from safetensors.torch import load_file
 from torch import nn
 
-PAPER_MODEL_NAME = "vit_large_patch14_clip_quickgelu_224"
-"""timm name of CLIP ViT-L/14 with OpenAI's QuickGELU (the paper's vision encoder)."""
-
-TINY_VIT_KWARGS = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0)
-"""Sizes of the random tiny-preset ViT (same timm family as the paper's), used with img_size=32."""
-
 _WEIGHTS_HINT = (
-    "Set model.vision.weights_path to a local CLIP ViT-L/14 checkpoint: an open_clip state dict such as "
-    "`open_clip_pytorch_model.bin` (keys `visual.conv1.weight`, `visual.transformer.resblocks.*`, ...), "
-    "OpenAI's TorchScript `ViT-L-14.pt`, or a transformers CLIP folder such as a copy of "
-    "openai/clip-vit-large-patch14 (its `model.safetensors`); or set it to null to "
-    "build a randomly initialised encoder (tiny preset only)."
+    "Set model.vision.weights_path to a local CLIP ViT-L/14 checkpoint: an open_clip / OpenAI state dict such as "
+    "`ViT-L-14-sd.pt` or `open_clip_pytorch_model.bin` (keys `visual.conv1.weight`, "
+    "`visual.transformer.resblocks.*`, ...), OpenAI's TorchScript `ViT-L-14.pt`, or a transformers CLIP "
+    "folder such as a copy of openai/clip-vit-large-patch14 (its `model.safetensors`); or set it to null "
+    "for a randomly initialised tower (tiny preset only)."
 )
-
-
-class VisionEncoder(nn.Module):
-    """A timm CLIP ViT returning all tokens after the final norm, L2-normalised: [B, T, width]."""
-
-    def __init__(self, vit: VisionTransformer):
-        super().__init__()
-        if not isinstance(vit, VisionTransformer):
-            raise TypeError(f"VisionEncoder wraps a timm VisionTransformer, got {type(vit).__name__}; "
-                            f"use a timm ViT name such as {PAPER_MODEL_NAME!r}")
-        self.vit = vit
-        # Names of submodules kept in eval mode by `train()`; filled by `lock()`.
-        self._frozen_modules: list[str] = []
-
-    @classmethod
-    def from_config(cls, model_name: str, img_size: int, weights_path: str | None = None,
-                    **timm_kwargs) -> "VisionEncoder":
-        """Build `model_name` from timm at `img_size` px, with weights from a local file or random.
-
-        weights_path: an open_clip / OpenAI CLIP state dict (or OpenAI's TorchScript archive), or a
-            transformers CLIP checkpoint (a folder with `model.safetensors`, or the file itself); timm's
-            own converter (`checkpoint_filter_fn`) maps it to the timm layout. None builds a random
-            encoder. Nothing is ever downloaded.
-        timm_kwargs: model sizes passed to `timm.create_model` (e.g. TINY_VIT_KWARGS).
-        """
-        if model_name not in timm.list_models():
-            raise ValueError(f"model.vision.model_name {model_name!r} is not a timm model; use "
-                             f"{PAPER_MODEL_NAME!r} (OpenAI CLIP ViT-L/14) or another name from "
-                             "timm.list_models('*clip*')")
-        if weights_path is not None and os.path.isdir(weights_path):  # a transformers CLIP folder
-            weights_path = os.path.join(weights_path, "model.safetensors")
-        if weights_path is not None and not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"vision encoder weights not found: {weights_path!r} "
-                                    f"(model.vision.weights_path). {_WEIGHTS_HINT}")
-        # num_classes=0 drops CLIP's projection head: the resampler reads the 1024-wide tokens.
-        vit = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size, **timm_kwargs)
-        encoder = cls(vit)
-        if weights_path is not None:
-            encoder.load_clip_weights(weights_path)
-        return encoder
-
-    def load_clip_weights(self, path: str) -> None:
-        """Load an open_clip / OpenAI CLIP checkpoint's visual tower through timm's converter.
-
-        Loaded strictly: timm's `pretrained=True` path loads non-strictly once the head is dropped, so a
-        file in another layout would silently leave random weights; here it is an error instead.
-        """
-        state_dict = _read_checkpoint(path)
-        if any(k.endswith(_HF_PATCH_EMBED) for k in state_dict):  # transformers layout
-            try:
-                state_dict = hf_clip_to_open_clip(state_dict)
-            except KeyError as e:
-                raise ValueError(f"{path!r} (model.vision.weights_path) looks like a transformers CLIP checkpoint "
-                                 f"but has no {e.args[0]!r}. {_WEIGHTS_HINT}") from None
-        state_dict = checkpoint_filter_fn(state_dict, self.vit)  # OpenAI/open_clip keys -> timm keys
-        # CLIP's `visual.proj` becomes `head.*`, which this encoder does not have (num_classes=0).
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        result = self.vit.load_state_dict(state_dict, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"{path!r} (model.vision.weights_path) does not match {self.vit.default_cfg['architecture']}: "
-                f"missing {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
-                f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}. "
-                f"{_WEIGHTS_HINT}")
-
-    @property
-    def width(self) -> int:
-        """Feature size of each output token (1024 for ViT-L/14)."""
-        return self.vit.embed_dim
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image: prefix (CLS) + patches; 257 for ViT-L/14 at 224 px. Needs no forward."""
-        return self.vit.num_prefix_tokens + self.vit.patch_embed.num_patches
-
-    @property
-    def img_size(self) -> int:
-        """Input side length in pixels the encoder expects."""
-        return self.vit.patch_embed.img_size[0]
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] (CLIP-normalised, H = W = img_size) -> tokens [B, T, width]."""
-        expected = (3, self.img_size, self.img_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"VisionEncoder expects pixel_values of shape [B, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}; resize and normalise images with "
-                             f"kosmos_g.processor.clip_image_transform({self.img_size})")
-        # forward_features ends with the final LayerNorm applied to every token (CLS and patches).
-        # No torch.no_grad for the frozen blocks is needed: autograd records nothing until the first
-        # unlocked parameter, so frozen blocks keep no activations anyway.
-        tokens = self.vit.forward_features(pixel_values)
-        return F.normalize(tokens, dim=-1)
-
-    # --- freezing -------------------------------------------------------------------------------
-
-    def lock(self, unlocked_last_blocks: int = 1, unlock_final_norm: bool = True) -> None:
-        """Freeze everything except the last `unlocked_last_blocks` blocks and (optionally) the final norm.
-
-        The paper's setting is the default; `lock(0, False)` freezes the whole encoder. Frozen parts
-        stay in eval mode even under `.train()`, so their dropout / drop-path stay off.
-        """
-        depth = len(self.vit.blocks)
-        if not 0 <= unlocked_last_blocks <= depth:
-            raise ValueError(f"unlocked_last_blocks must be in [0, {depth}] (the encoder has {depth} blocks), "
-                             f"got {unlocked_last_blocks}")
-        unlocked = {f"blocks.{i}" for i in range(depth - unlocked_last_blocks, depth)}
-        if unlock_final_norm:
-            unlocked.add("norm")
-        self._frozen_modules = []
-        for name, module in self._top_level_modules():
-            trainable = name in unlocked
-            module.requires_grad_(trainable)
-            if not trainable:
-                self._frozen_modules.append(name)
-        # Parameters owned directly by the ViT (cls_token, pos_embed) belong to the frozen input stem.
-        for param in self.vit.parameters(recurse=False):
-            param.requires_grad_(False)
-        self.train(self.training)  # put the newly frozen modules into eval mode now
-
-    def unlock(self) -> None:
-        """Make the whole encoder trainable again (undoes `lock`)."""
-        self.vit.requires_grad_(True)
-        self._frozen_modules = []
-        self.train(self.training)
-
-    def trainable_parameter_names(self) -> list[str]:
-        """Names (as in `named_parameters()`) of the parameters that require grad."""
-        return [name for name, p in self.named_parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> "VisionEncoder":
-        super().train(mode)
-        for name in self._frozen_modules:
-            self.vit.get_submodule(name).eval()
-        return self
-
-    def _top_level_modules(self):
-        """The ViT's children, with `blocks` split into its blocks: the units that are frozen or not."""
-        for name, module in self.vit.named_children():
-            if name == "blocks":
-                for i, block in enumerate(module):
-                    yield f"blocks.{i}", block
-            else:
-                yield name, module
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in backward (the paper trains with activation checkpointing)."""
-        self.vit.set_grad_checkpointing(enable)
-
-
 _HF_PATCH_EMBED = "embeddings.patch_embedding.weight"
+_OPENCLIP_PATCH_EMBED = "visual.conv1.weight"
 
 
-def hf_clip_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers `CLIPModel` / `CLIPVisionModel` state dict's vision tower in open_clip's `visual.*`
-    layout, which timm's converter reads. Why not a direct transformers -> timm map: timm already owns the
-    open_clip -> timm one, so only the transformers -> open_clip renaming (and q/k/v fusion) lives here."""
-    # CLIPModel keys start with `vision_model.`; a saved CLIPVisionModel may have none.
+def load_vision_weights(vision_model: nn.Module, path: str) -> None:
+    """Load a CLIP image tower into `vision_model` (a `Kosmos2VisionModel`), strictly.
+
+    Keys of the file outside the image tower (the text tower, `logit_scale`, CLIP's projection) are
+    ignored; a tower key that maps to nothing, a missing weight or a wrong shape is an error naming it.
+    """
+    if os.path.isdir(path):  # a transformers CLIP folder
+        path = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"vision tower weights not found: {path!r} (model.vision.weights_path). {_WEIGHTS_HINT}")
+    state_dict = read_state_dict(path)
+    if any(k.endswith(_HF_PATCH_EMBED) for k in state_dict):
+        mapped, unmatched = hf_clip_to_kosmos2(state_dict)
+    elif any(k.endswith(_OPENCLIP_PATCH_EMBED) for k in state_dict):
+        mapped, unmatched = open_clip_to_kosmos2(state_dict)
+    else:
+        raise ValueError(f"{path!r} (model.vision.weights_path) holds no CLIP image tower (no key ending in "
+                         f"{_HF_PATCH_EMBED!r} or {_OPENCLIP_PATCH_EMBED!r}; first keys: {list(state_dict)[:5]}). "
+                         f"{_WEIGHTS_HINT}")
+    expected = vision_model.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(unmatched + [k for k in mapped if k not in expected])
+    wrong = [f"{k} {list(v.shape)} (the tower has {list(expected[k].shape)})"
+             for k, v in mapped.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path!r} (model.vision.weights_path) does not match the configured vision tower "
+                         f"(model.vision sizes): missing {_few(missing)}, unmatched {_few(unexpected)}, "
+                         f"wrong shapes {_few(wrong)}. {_WEIGHTS_HINT}")
+    vision_model.load_state_dict(mapped, strict=True)
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return f"{keys[:n]}{'...' if len(keys) > n else ''}"
+
+
+def hf_clip_to_kosmos2(state_dict: dict) -> tuple[dict, list[str]]:
+    """A transformers `CLIPModel` / `CLIPVisionModel` state dict -> (Kosmos-2 vision tower keys, unmatched keys).
+
+    The tower layouts are the same; only the prefix changes (`vision_model.` or none -> `model.`).
+    """
     prefix = next(k for k in state_dict if k.endswith(_HF_PATCH_EMBED))[:-len(_HF_PATCH_EMBED)]
-    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    out = {"visual.conv1.weight": sd["embeddings.patch_embedding.weight"],
-           "visual.class_embedding": sd["embeddings.class_embedding"],
-           "visual.positional_embedding": sd["embeddings.position_embedding.weight"]}
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and not key.endswith("position_ids"):  # position_ids: an old saved buffer
+            out["model." + key[len(prefix):]] = value
+    return out, []  # every tower key is kept: a stray one shows up as unexpected in `load_vision_weights`
+
+
+def open_clip_to_kosmos2(state_dict: dict) -> tuple[dict, list[str]]:
+    """An open_clip / OpenAI CLIP state dict's `visual.*` tower -> (Kosmos-2 vision tower keys, unmatched keys).
+
+    Attention as fused `attn.in_proj_{weight,bias}` (open_clip, OpenAI) or split `{attn,ts_attn}.{q,k,v,out}_proj`
+    (the original Kosmos-G code's tower). `visual.proj` (CLIP's image projection) is not part of the tower.
+    """
+    prefix = next(k for k in state_dict if k.endswith(_OPENCLIP_PATCH_EMBED))[:-len("conv1.weight")]
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k != prefix + "proj"}
+    names = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+             "positional_embedding": "embeddings.position_embedding.weight"}
     for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
         for p in ("weight", "bias"):
-            out[f"visual.{ours}.{p}"] = sd[f"{theirs}.{p}"]
-    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    for i in layers:
-        theirs, ours = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
-        for p in ("weight", "bias"):
-            for o, t in names.items():
-                out[f"{ours}{o}.{p}"] = sd[f"{theirs}{t}.{p}"]
-            out[f"{ours}attn.in_proj_{p}"] = torch.cat([sd[f"{theirs}self_attn.{q}_proj.{p}"] for q in "qkv"])
-    if "visual_projection.weight" in state_dict:   # CLIPModel only; dropped later (num_classes=0)
-        out["visual.proj"] = state_dict["visual_projection.weight"].t()
-    return out
+            names[f"{ours}.{p}"] = f"{theirs}.{p}"
+    layer = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj", "ts_attn.out_proj": "self_attn.out_proj"}
+    layer.update({f"{a}.{q}_proj": f"self_attn.{q}_proj" for a in ("attn", "ts_attn") for q in "qkv"})
+    out, unmatched = {}, []
+    for key, value in sd.items():
+        if key in names:
+            out["model." + names[key]] = value
+            continue
+        parts = key.split(".")  # transformer.resblocks.<i>.<module...>.<weight|bias>
+        if parts[:2] != ["transformer", "resblocks"] or len(parts) < 5:
+            unmatched.append(prefix + key)
+            continue
+        i, module, param = parts[2], ".".join(parts[3:-1]), parts[-1]
+        ours = f"model.encoder.layers.{i}."
+        if module == "attn" and param in ("in_proj_weight", "in_proj_bias"):
+            for q, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{ours}self_attn.{q}_proj.{param[len('in_proj_'):]}"] = chunk
+        elif module in layer:
+            out[f"{ours}{layer[module]}.{param}"] = value
+        else:
+            unmatched.append(prefix + key)
+    return out, unmatched
 
 
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a torch/safetensors file, or from OpenAI's TorchScript CLIP archive."""
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors / torch file (unwrapping `state_dict`, stripping `module.`), or from
+    OpenAI's TorchScript CLIP archive. Torch files are read with `weights_only=True`: no pickled code runs."""
+    if path.endswith(".safetensors"):
+        return load_file(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             is_torchscript = any(n.endswith("constants.pkl") for n in archive.namelist())
@@ -227,4 +131,13 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; still loads
                 return torch.jit.load(path, map_location="cpu").state_dict()
-    return timm_load_state_dict(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # a truncated file, or a pickle with more than tensors
+        raise ValueError(f"{path!r} (model.vision.weights_path) could not be read as a state dict: {e}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path!r} (model.vision.weights_path) holds a {type(sd).__name__}, not a state dict. "
+                         f"{_WEIGHTS_HINT}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}

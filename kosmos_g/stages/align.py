@@ -1,6 +1,6 @@
 """Stage 2, `stage=align`: AlignerNet learns to map the frozen MLLM's states to the U-Net's CLIP-text space.
 
-Text only. For a batch of captions, with s = MLLM(prompts) [B, L, d_llm] right-padded to L (pads masked in M)
+Text only. For a batch of captions, with s = MLLM(`<s> caption`) [B, L, d_llm] right-padded to L (pads masked in M)
 and t = CLIPText(captions) [B, 77, d_clip]:
 
     loss = target_weight * MSE(M(s), t) + recon_weight * recon
@@ -34,7 +34,7 @@ from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, save_part
 
 
 class AlignFeatures:
-    """Sample -> the caption as MLLM tokens (`<s> c </s>`) and as CLIP token ids padded to 77."""
+    """Sample -> the caption as MLLM tokens (`<s> c`, no `</s>`, as in the original) and as CLIP token ids padded to 77."""
 
     def __init__(self, processor: KosmosGProcessor, clip_tokenizer, clip_max_tokens: int, max_text_tokens: int,
                  cache: FeatureCache | None = None):

@@ -24,7 +24,7 @@ from kosmos_g.processor import KosmosGProcessor
 from kosmos_g.run import copy_part
 from kosmos_g.scale import is_sharded
 
-_NO_DECAY = ("bias", "norm", "embed", "pos", "queries", "latents")
+_NO_DECAY = ("bias", "norm", "embed", "pos", "queries", "latent_query")
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -6,8 +6,8 @@ For an interleaved instruction x and its target image y:
     z = VAE(y);  z_t = noise(z, eps, t)         frozen VAE, DDPM training noise
     loss = MSE(UNet(z_t, t, c), eps)            frozen U-Net; gradients reach c only
 
-Trains the MLLM (LM, resampler, last ViT block + final norm) and aligner M; N is unused and frozen.
-With probability `stage.cfg_dropout` a condition is replaced by the empty prompt's (`<s></s>`), so the
+Trains the MLLM (decoder, connector, last ViT block + final norm) and aligner M; N is unused and frozen.
+With probability `stage.cfg_dropout` a condition is replaced by the null prompt's (`<s>` alone), so the
 model also learns the null condition classifier-free guidance needs.
 """
 
@@ -100,7 +100,7 @@ class ScoreDistillTuner(L.LightningModule):
         self.aligner.lock_reconstruction()  # only M trains: N is not part of the stage-3 graph
         self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.diffusion = diffusion.freeze()  # U-Net and VAE: no gradients, eval mode, never optimised
-        self.empty_prompt = processor.collate([processor("")])  # the null condition's input, `<s></s>`
+        self.empty_prompt = processor.collate([processor.null_prompt()])  # the null condition's input, `<s>`
         self.sample_prompts: list | None = None  # fixed at the first batch, reused for every sample grid
         self.strict_loading = False
 

@@ -1,8 +1,9 @@
 """Stage 1, `stage=mllm`: multimodal language modelling on text, image-caption pairs and interleaved documents.
 
-Every document becomes `<s> text <image> [N resampler outputs] </image> text </s>`; the loss is next-token
-cross-entropy on text tokens only (the processor's labels are -100 on `<s>`, image tokens and padding).
-Trains all of the LM, the resampler, and the ViT's last block + final norm (the rest of the ViT is frozen).
+Every document becomes `<s> text <image> [N connector outputs] </image> text` (no `</s>`, as in the original);
+the loss is next-token cross-entropy on text tokens only (the processor's labels are -100 on `<s>`, image
+tokens and padding). Trains all of the decoder, the connector, and the ViT's last block + final norm (the rest
+of the ViT is frozen).
 """
 
 from __future__ import annotations

@@ -56,12 +56,12 @@ def _fall(logdir: Path, tag: str) -> str:
 
 def vision_overrides(clip: Path) -> list[str]:
     """Start the MLLM's ViT from the teacher CLIP's image tower, as Kosmos-G starts from CLIP ViT-L/14's:
-    timm sizes matching the tower, and its transformers checkpoint as `model.vision.weights_path`."""
+    tower sizes matching it, and its transformers checkpoint as `model.vision.weights_path`."""
     v = json.loads((clip / "config.json").read_text())["vision_config"]
-    sizes = dict(patch_size=v["patch_size"], embed_dim=v["hidden_size"], depth=v["num_hidden_layers"],
-                 num_heads=v["num_attention_heads"], mlp_ratio=v["intermediate_size"] / v["hidden_size"])
     return [f"model.vision.weights_path={clip}", f"model.vision.img_size={v['image_size']}",
-            "model.vision.timm_kwargs={" + ",".join(f"{k}:{x}" for k, x in sizes.items()) + "}"]
+            f"model.vision.patch_size={v['patch_size']}", f"model.vision.hidden_size={v['hidden_size']}",
+            f"model.vision.num_layers={v['num_hidden_layers']}", f"model.vision.num_heads={v['num_attention_heads']}",
+            f"model.vision.ffn_dim={v['intermediate_size']}"]
 
 
 def initial_pipeline(overrides: list[str], trained: KosmosGPipeline) -> KosmosGPipeline:
