@@ -113,8 +113,13 @@ def test_interleaved_prompt_forms_agree_and_images_matter(dpm):
     as_list = generate(dpm, ["a", dog, "wearing", hat], seed=0)
     as_text = generate(dpm, "a <i> wearing <i>", images=[dog, hat], seed=0)
     np.testing.assert_array_equal(as_list, as_text)
+    # the images (and their order) reach the condition, and through it the image (same seed: any change is theirs)
+    red = Image.new("RGB", (40, 40), (250, 20, 20))
+    cond, _ = dpm.encode_prompt("a <i> wearing <i>", images=[red, hat])
+    cond_swapped, _ = dpm.encode_prompt("a <i> wearing <i>", images=[hat, red])
+    assert (cond - cond_swapped).abs().max() > 1e-4
     swapped = generate(dpm, "a <i> wearing <i>", images=[hat, dog], seed=0)
-    assert np.abs(as_list - swapped).max() > 1e-4  # the images (and their order) reach the condition
+    assert np.abs(as_list - swapped).max() > 1e-6
     with pytest.raises(PromptError, match=r"2 <i> placeholder\(s\) but 1 image"):
         dpm("a <i> wearing <i>", images=[dog])
 
