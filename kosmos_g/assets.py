@@ -21,8 +21,8 @@ from kosmos_g.models.diffusion import save_tiny_sd_folder
 from kosmos_g.models.tokenizers import (SPM_MODEL, add_kosmos_specials, check_special_layout, official_tokenizer,
                                         train_clip_tokenizer, train_mllm_tokenizer)
 
-SD_TEXT_PARTS = ("tokenizer", "text_encoder")
-SD_PARTS = SD_TEXT_PARTS + ("unet", "vae", "scheduler")
+SD_TEXT_PARTS = ("tokenizer", "text_encoder")  # what stage align reads (its CLIP-text targets)
+SD_IMAGE_PARTS = ("unet", "vae", "scheduler")  # what stage instruct and generation read
 
 
 def _require_dir(path: str, key: str, what: str) -> Path:

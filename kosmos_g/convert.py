@@ -20,8 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "kosmos-g-official"
 STAGE_OF_KIND = {"stage1": "mllm", "stage2": "align", "final": "instruct"}
-# fairseq ids 64002..64006, after <s> <pad> </s> <unk>, the dictionary and <mask> (SPEC.md "Tokens").
-ADDED_SPECIALS = ["</doc>", "<image>", "</image>", "</chunk>", "</line>"]
 DTYPES = ("float32", "float16", "bfloat16", "keep")  # "keep": the checkpoint's own (fp16)
 
 # Stable Diffusion v1.5's unet/ and vae/ configs, for a checkpoint that carries their weights and no --sd.
@@ -35,17 +33,15 @@ SD15_VAE = dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=
 
 
 def load_tokenizer(folder: Path, vocab_size: int):
-    """The original tokenizer: XLMRobertaTokenizer from sentencepiece.bpe.model (fairseq ids up to <mask>=64001)
-    plus the five added specials, checked against the checkpoint's vocabulary size."""
-    from transformers import XLMRobertaTokenizer
-
+    """The original tokenizer (`official_tokenizer`: fairseq ids, the five added specials), checked against
+    the checkpoint's vocabulary size."""
+    from kosmos_g.models.tokenizers import official_tokenizer
     from kosmos_g.official import OfficialCheckpointError
-    spm = Path(folder) / "sentencepiece.bpe.model"
-    if not spm.is_file():
-        raise OfficialCheckpointError(f"--tokenizer {folder}: no sentencepiece.bpe.model there (it is "
-                                      "kosmos-g/data/sentencepiece.bpe.model of microsoft/unilm)")
-    tokenizer = XLMRobertaTokenizer.from_pretrained(str(folder), local_files_only=True)
-    tokenizer.add_special_tokens({"additional_special_tokens": ADDED_SPECIALS})
+
+    try:
+        tokenizer = official_tokenizer(folder)
+    except FileNotFoundError as e:
+        raise OfficialCheckpointError(f"--tokenizer {folder}: {e}") from None
     if len(tokenizer) != vocab_size:
         raise OfficialCheckpointError(f"--tokenizer {folder}: gives {len(tokenizer)} ids but the checkpoint's "
                                       f"embedding has {vocab_size} rows; use the tokenizer the checkpoint was "
@@ -77,54 +73,50 @@ def _diffusers_part(cls, sd: dict, config: dict, what: str, source: str):
 
 def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir: Path | None, step: int = 0,
                           source: str = "", aligner_heads: int = 12) -> Path:
-    """Write the converted parts as the stage export of the checkpoint's kind (see the module docstring).
-
-    The glue to the project's classes lives here and only here. LEAD (after merging the MultimodalLM /
-    AlignerNet / processor branches): swap the marked lines; the state dicts already use their key names.
-    """
+    """Write the converted parts as the stage export of the checkpoint's kind (see the module docstring)."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import Kosmos2ForConditionalGeneration
 
+    from kosmos_g.models.aligner import AlignerNet
     from kosmos_g.models.diffusion import SD15_SCHEDULER
+    from kosmos_g.models.mllm import MultimodalLM, MultimodalLMConfig
     from kosmos_g.official import OfficialCheckpointError
+    from kosmos_g.processor import KosmosGProcessor
     from kosmos_g.run import config_hash, copy_part, write_export
 
     parts, kind = conversion.parts, conversion.kind
+    config = MultimodalLMConfig(**mllm_config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     with torch.device("meta"):
-        mllm = Kosmos2ForConditionalGeneration(mllm_config)  # LEAD: swap for kosmos_g.models.mllm.MultimodalLM
+        mllm = MultimodalLM(config)
     load_exactly(mllm, parts["mllm"], "MLLM", source)
-    vision = mllm_config.vision_config
-    writers = {"mllm": lambda path: mllm.save_pretrained(path)}
-
-    def write_processor(path: Path) -> None:  # LEAD: KosmosGProcessor(tokenizer, ...).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        (path / "processor_config.json").write_text(json.dumps(
-            {"num_image_tokens": mllm_config.latent_query_num, "image_size": vision.image_size,
-             "max_length": mllm_config.text_config.max_position_embeddings}, indent=2))
-    writers["processor"] = write_processor
-
+    vision = config.vision_config
+    processor = KosmosGProcessor(tokenizer, num_image_tokens=config.num_image_tokens, image_size=vision.image_size,
+                                 max_length=config.text_config.max_position_embeddings)
+    writers = {"mllm": lambda path: mllm.save_pretrained(path), "processor": processor.save_pretrained}
+    notes = []
     if kind != "stage1":
-        aligner = parts["aligner"]
+        sd = parts["aligner"]
 
-        def write_aligner(path: Path) -> None:  # LEAD: AlignerNet(<config>) + load_state_dict + save_pretrained
-            from safetensors.torch import save_file
-            path.mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in aligner.items()},
-                      str(path / "diffusion_pytorch_model.safetensors"))
+        def layers(prefix: str) -> int:
+            return 1 + max((int(k.split(".")[2]) for k in sd if k.startswith(prefix + ".layers.")), default=-1)
 
-            def layers(prefix: str) -> int:
-                return 1 + max((int(k.split(".")[2]) for k in aligner if k.startswith(prefix + ".layers.")),
-                               default=-1)
-            (path / "config.json").write_text(json.dumps({
-                "_class_name": "AlignerNet", "llm_dim": aligner["encoder_proj.embed_tokens.weight"].shape[1],
-                "clip_dim": aligner["encoder_query"].shape[1], "num_queries": aligner["encoder_query"].shape[0],
-                "ffn_size": aligner["encoder.layers.0.ffn.fc1.weight"].shape[0],
-                "num_heads": aligner_heads,  # not in the shapes; torchscale's EncoderDecoderConfig default
-                "encoder_layers": layers("encoder_proj"), "decoder_layers": layers("encoder"),
-                "max_source_positions": aligner["encoder_proj.embed_positions.weight"].shape[0],
-                "reconstruction": "decoder_query" in aligner}, indent=2))
-        writers["aligner"] = write_aligner
+        with torch.device("meta"):
+            aligner = AlignerNet(
+                llm_dim=sd["encoder_proj.embed_tokens.weight"].shape[1], clip_dim=sd["encoder_query"].shape[1],
+                num_heads=aligner_heads,  # not in the shapes; torchscale's EncoderDecoderConfig default
+                ffn_size=sd["encoder.layers.0.ffn.fc1.weight"].shape[0], encoder_layers=layers("encoder_proj"),
+                decoder_layers=layers("encoder"), num_queries=sd["encoder_query"].shape[0],
+                max_source_positions=sd["encoder_proj.embed_positions.weight"].shape[0])
+        own = aligner.state_dict()
+        absent = sorted(set(own) - set(sd))
+        if absent and not all(k.startswith(("decoder_query", "decoder.", "decoder_proj.")) for k in absent):
+            raise OfficialCheckpointError(f"{source}: its aligner lacks {absent[:3]} (M must be complete)")
+        if absent:  # the final checkpoint keeps M only: N (reconstruction) is unused by generation and stage 3
+            sd = {**sd, **{k: torch.zeros(own[k].shape, dtype=next(iter(sd.values())).dtype) for k in absent}}
+            notes.append("aligner N (reconstruction) is not in the checkpoint: written as zeros, unused by "
+                         "generation and stage=instruct; run stage=align to train one")
+        load_exactly(aligner, sd, "aligner", source)
+        writers["aligner"] = lambda path: aligner.save_pretrained(path)
 
     if kind == "final":
         for name, cls, default in (("unet", UNet2DConditionModel, SD15_UNET), ("vae", AutoencoderKL, SD15_VAE)):
@@ -150,20 +142,23 @@ def write_official_export(out: Path, conversion, mllm_config, tokenizer, sd_dir:
         writers["scheduler"] = lambda path: scheduler.save_pretrained(path)
         import diffusers
         index = {"_class_name": "KosmosGPipeline", "_diffusers_version": diffusers.__version__,
-                 "mllm": ["transformers", "Kosmos2ForConditionalGeneration"],  # LEAD: kosmos_g.models.mllm, MultimodalLM
+                 "mllm": ["kosmos_g.models.mllm", "MultimodalLM"],
                  "processor": [None, None], "aligner": ["kosmos_g.models.aligner", "AlignerNet"],
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
         writers["model_index.json"] = lambda path: path.write_text(json.dumps(index, indent=2))
 
-    report = {"source": source, "kind": kind, "dropped": conversion.dropped, "unmatched": conversion.unmatched}
+    report = {"source": source, "kind": kind, "dropped": conversion.dropped, "unmatched": conversion.unmatched,
+              "notes": notes}
+    for note in notes:
+        print(f"  note: {note}")
     writers["conversion.json"] = lambda path: path.write_text(json.dumps(report, indent=2))
     return write_export(out, STAGE_OF_KIND[kind], step, config_hash({"official": Path(source).name, "kind": kind}),
                         writers)
 
 
 def convert_official(checkpoint, out, vit=None, sd=None, tokenizer=None, dtype: str = "float32",
-                     allow_unmatched: bool = False, text_heads: int | None = None) -> Path:
+                     allow_unmatched: bool = False, text_heads: int | None = None, aligner_heads: int = 12) -> Path:
     """Load, rename, check and write; returns the export folder. Errors are OfficialCheckpointError lines."""
     import torch
 
@@ -201,7 +196,8 @@ def convert_official(checkpoint, out, vit=None, sd=None, tokenizer=None, dtype: 
     config = kosmos2_config(conversion.parts.get("mllm", {}), text_heads or arch_value(cfg, "decoder_attention_heads"),
                             max_positions=arch_value(cfg, "tokens_per_sample", 2048))
     tok = load_tokenizer(tok_dir, config.text_config.vocab_size)
-    export = write_official_export(out, conversion, config, tok, sd_dir, step, source=str(checkpoint))
+    export = write_official_export(out, conversion, config, tok, sd_dir, step, source=str(checkpoint),
+                                   aligner_heads=aligner_heads)
     print(f"wrote the {STAGE_OF_KIND[conversion.kind]!r} export {export}")
     return export
 
@@ -227,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip keys that match no known Kosmos-G weight with a warning instead of failing")
     p.add_argument("--text-heads", type=int, metavar="N", help="attention heads of the text decoder (default: the "
                                                                "checkpoint cfg's decoder_attention_heads, else width/64)")
+    p.add_argument("--aligner-heads", type=int, default=12, metavar="N",
+                   help="attention heads of AlignerNet (not in the weights' shapes; default: 12, the original's)")
     return parser
 
 
@@ -235,7 +233,8 @@ def main(argv=None) -> int:
     from kosmos_g.official import OfficialCheckpointError
     try:
         convert_official(args.checkpoint, args.out, vit=args.vit, sd=args.sd, tokenizer=args.tokenizer,
-                         dtype=args.dtype, allow_unmatched=args.allow_unmatched, text_heads=args.text_heads)
+                         dtype=args.dtype, allow_unmatched=args.allow_unmatched, text_heads=args.text_heads,
+                         aligner_heads=args.aligner_heads)
     except OfficialCheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ def resolve_init(init_from: str, stage: str, paths: RunPaths, run_name: str) -> 
     if init_from == "auto":
         export = paths.root / needed / "export"
         if not (export / MANIFEST).is_file():
-            order = " -> ".join(s for s in ("mllm", "align", "instruct") if s != stage) + f" -> {stage}"
+            order = " -> ".join(("mllm", "align", "instruct"))
             first = f"`python train.py stage={needed} run_name={run_name}`"
             extra = " or init_from=none to align a freshly initialised MLLM" if stage == "align" else ""
             raise ConfigError(f"stage={stage} starts from the {needed!r} stage's export, and {export} does not "
@@ -144,8 +144,10 @@ def resolve_init(init_from: str, stage: str, paths: RunPaths, run_name: str) -> 
     if not (export / MANIFEST).is_file() and (export / needed / "export" / MANIFEST).is_file():
         export = export / needed / "export"  # a run folder was given
     got = read_manifest(export)["stage"]
-    if got != needed:
-        raise ConfigError(f"init_from={init_from} is a {got!r} export, but stage={stage} needs a {needed!r} export")
+    # stage=instruct may also continue an instruct export (e.g. the converted final weights: fine-tuning)
+    if got != needed and not (stage == "instruct" and got == "instruct"):
+        raise ConfigError(f"init_from={init_from} is a {got!r} export, but stage={stage} needs a {needed!r} export"
+                          + (" (or an 'instruct' one, to fine-tune it)" if stage == "instruct" else ""))
     return export
 
 

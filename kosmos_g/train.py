@@ -54,11 +54,11 @@ def resolve_resume(resume: str, paths) -> Path | None:
 def _prepare_shared_files(cfg: TrainConfig, paths, init_export: Path | None) -> None:
     """Files that several processes of one launch would otherwise write at once: the tiny world and the
     tiny stand-in assets. The first process writes them under a lock; the others find them done."""
-    from kosmos_g.assets import SD_PARTS, SD_TEXT_PARTS, corpus, diffusion_folder, mllm_tokenizer
+    from kosmos_g.assets import SD_IMAGE_PARTS, SD_TEXT_PARTS, corpus, diffusion_folder, mllm_tokenizer
     from kosmos_g.scale import file_lock
 
     tokenizer = init_export is None and not cfg.model.llm.tokenizer_path
-    sd_parts = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_PARTS}[cfg.stage.name]
+    sd_parts = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_IMAGE_PARTS}[cfg.stage.name]
     sd_parts = sd_parts if not cfg.model.diffusion_path else ()
     if not (cfg.data.generate_tiny_world or tokenizer or sd_parts):
         return  # the paper preset: only local paths, nothing to write (and no lock on a shared file system)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -162,7 +163,8 @@ def test_final_checkpoint_converts_to_a_pipeline_folder_computing_the_reference_
     model = {**ref.original_state_dict(*mllm_ref), **aligner, **_diffusion_keys(tiny_sd, seed=7)}
     ckpt = _save(ref.fairseq_checkpoint(model), tmp_path / "checkpoint_final.pt")
     out = tmp_path / "final"
-    assert main(["official", "--checkpoint", str(ckpt), "--sd", str(tiny_sd), "--out", str(out)]) == 0
+    assert main(["official", "--checkpoint", str(ckpt), "--sd", str(tiny_sd), "--out", str(out),
+                 "--aligner-heads", str(ref.SIZES["a_heads"])]) == 0
 
     manifest = read_manifest(out)
     assert manifest["stage"] == "instruct" and manifest["step"] == 1234
@@ -174,8 +176,11 @@ def test_final_checkpoint_converts_to_a_pipeline_folder_computing_the_reference_
     assert (got - want).abs().max() <= 1e-5  # every position, right padding included
     # the aligner: original names without `aligner.`, the fp16 values exactly
     saved = load_file(out / "aligner" / "diffusion_pytorch_model.safetensors")
-    assert set(saved) == {k.removeprefix("aligner.") for k in aligner}
+    m_keys = {k.removeprefix("aligner.") for k in aligner}
+    assert m_keys < set(saved)  # M; N (reconstruction), absent from a final checkpoint, is written as zeros
     assert all(torch.equal(saved[k.removeprefix("aligner.")], v.half().float()) for k, v in aligner.items())
+    assert all(not saved[k].any() and k.startswith(("decoder_query", "decoder.", "decoder_proj."))
+               for k in set(saved) - m_keys)
     # U-Net from the checkpoint's own keys (not the --sd folder's other weights); scheduler: DPM-Solver++
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     own = {k.removeprefix("diffusion_unet.unet."): v for k, v in model.items() if k.startswith("diffusion_unet.")}
@@ -210,7 +215,8 @@ def test_stage2_checkpoint_becomes_an_align_export_that_instruct_starts_from(tmp
              **{"aligner.clip_encoder." + k: v for k, v in clip.state_dict().items()}}
     ckpt = _save(ref.fairseq_checkpoint(model), tmp_path / "checkpoint_stage2.pt")
     out = tmp_path / "stage2"
-    assert main(["official", "--checkpoint", str(ckpt), "--out", str(out), "--dtype", "keep"]) == 0
+    assert main(["official", "--checkpoint", str(ckpt), "--out", str(out), "--dtype", "keep",
+                 "--aligner-heads", str(ref.SIZES["a_heads"])]) == 0
     assert read_manifest(out)["stage"] == "align"
     assert resolve_init(str(out), "instruct", None, "r") == out  # train.py stage=instruct init_from=<it>
     assert not (out / "unet").exists()
@@ -218,7 +224,7 @@ def test_stage2_checkpoint_becomes_an_align_export_that_instruct_starts_from(tmp
     assert set(saved) == {k.removeprefix("aligner.") for k in aligner}  # M and N, no clip_encoder
     assert saved["decoder_query"].dtype == torch.float16  # --dtype keep
     config = json.loads((out / "aligner" / "config.json").read_text())
-    assert config["reconstruction"] and config["llm_dim"] == ref.SIZES["dim"]
+    assert config["llm_dim"] == ref.SIZES["dim"] and config["num_heads"] == ref.SIZES["a_heads"]
 
 
 @needs_tokenizer
@@ -241,10 +247,11 @@ def test_stage1_checkpoint_with_the_vision_tower_from_vit_file(tmp_path, mllm_re
 def test_final_checkpoint_without_unet_needs_sd(tmp_path, mllm_ref, tiny_sd, capsys):
     model = {**ref.original_state_dict(*mllm_ref), **ref.aligner()}
     ckpt = _save(ref.fairseq_checkpoint(model), tmp_path / "checkpoint_final.pt")
-    assert main(["official", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 2
+    heads = ["--aligner-heads", str(ref.SIZES["a_heads"])]
+    assert main(["official", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"), *heads]) == 2
     err = capsys.readouterr().err.strip()
     assert "--sd" in err and "unet" in err and len(err.splitlines()) == 1
-    assert main(["official", "--checkpoint", str(ckpt), "--sd", str(tiny_sd), "--out", str(tmp_path / "b")]) == 0
+    assert main(["official", "--checkpoint", str(ckpt), "--sd", str(tiny_sd), "--out", str(tmp_path / "b"), *heads]) == 0
     assert (tmp_path / "b" / "unet" / "config.json").is_file() and (tmp_path / "b" / "vae").is_dir()
 
 
@@ -382,3 +389,48 @@ def test_help_documents_every_option():
     options = [o for a in official._actions for o in a.option_strings]
     assert len(options) >= 9 and all(o in run.stdout for o in options)
     assert all(a.help for a in official._actions)
+
+
+@pytest.mark.slow
+@needs_tokenizer
+def test_converted_final_weights_generate_and_fine_tune(tmp_path, mllm_ref, tiny_sd):
+    """The user's route: convert the final checkpoint, load it as a KosmosGPipeline (the condition is M of the
+    reference MLLM states; prompts in the original format), generate, then fine-tune it with stage=instruct."""
+    from PIL import Image
+
+    from kosmos_g.config import load_config
+    from kosmos_g.pipeline import KosmosGPipeline, condition
+    from kosmos_g.train import run
+
+    model = {**ref.original_state_dict(*mllm_ref), **ref.aligner(), **_diffusion_keys(tiny_sd, seed=7)}
+    ckpt = _save(ref.fairseq_checkpoint(model), tmp_path / "checkpoint_final.pt")
+    out = tmp_path / "final"
+    assert main(["official", "--checkpoint", str(ckpt), "--sd", str(tiny_sd), "--out", str(out),
+                 "--aligner-heads", str(ref.SIZES["a_heads"])]) == 0
+    pipe = KosmosGPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.final_sigmas_type == "sigma_min"
+
+    tokens, slots, pixels = ref.prompt_batch()
+    _, states = _reference_condition(mllm_ref, tokens, slots, pixels)
+    batch = {"input_ids": tokens, "attention_mask": (tokens != ref.PAD).long(), "image_mask": slots,
+             "pixel_values": pixels}
+    with torch.no_grad():
+        got = condition(pipe.mllm, pipe.aligner, batch)
+        want = pipe.aligner.encode(states, padding_mask=tokens == ref.PAD)
+    assert (got - want).abs().max() <= 1e-5
+    # the original prompt format: <s>, (1 + 64 at paper size) <image> + </image> per image, no </s>; the null prompt is <s> alone
+    subject = Image.new("RGB", (40, 40), (200, 30, 30))
+    ids = pipe.processor(["a photo of", subject, "on the beach"]).input_ids.tolist()
+    assert ids[0] == 0 and 2 not in ids and ids.count(ref.IMAGE) == 1 + ref.SIZES["queries"] and ids.count(ref.IMAGE_END) == 1
+    assert pipe.processor.null_prompt().input_ids.tolist() == [0]
+    image = pipe("a photo of <i> on the beach", images=[subject], num_inference_steps=2, height=32, width=32,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+    cfg = load_config(["stage=instruct", f"init_from={out}", f"model.diffusion_path={tiny_sd}",
+                       f"runs_dir={tmp_path / 'runs'}", "run_name=ft", "data.tiny_world_samples=100",
+                       "trainer.max_steps=2", "stage.batch_size=2", "stage.sample_every_n_steps=0"])
+    export = run(cfg)
+    tuned = KosmosGPipeline.from_pretrained(export)
+    before, after = pipe.mllm.state_dict(), tuned.mllm.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the authors' MLLM was fine-tuned
