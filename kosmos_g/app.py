@@ -241,7 +241,7 @@ class KosmosGApp:
             negative = gr.Textbox(label="Negative prompt", value="", placeholder="empty: the null prompt, as in training")
             with gr.Row():
                 guidance = gr.Slider(1, 15, value=6.0, step=0.5, label="Guidance scale")
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, 100, value=50, step=1, label="Steps")  # the original app's default
                 num_images = gr.Slider(1, 8, value=1, step=1, label="Images")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed (image i: seed + i)")

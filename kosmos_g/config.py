@@ -78,6 +78,9 @@ class StageConfig:
     global batch is batch_size x devices, without accumulation."""
     accumulate_grad_batches: int = 1
     """Derived from `global_batch_size` at start-up (micro-batches per optimizer step); do not set it."""
+    pack_length: Optional[int] = None
+    """mllm: pack whole documents into rows of this many tokens (the paper: 2048), `batch_size` rows per
+    micro-batch; each document attends and counts positions within itself. None: one document per row."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     target_weight: float = 1.0
     """align: weight of MSE(M(s), CLIP-text(caption))."""
@@ -425,21 +428,25 @@ def derive_batch(cfg: TrainConfig) -> None:
     """From `stage.global_batch_size`: this device's micro-batch and the gradient accumulation (in place).
 
     The per-device share (global / world size) must be whole; it is split into the fewest micro-batches of
-    at most `stage.batch_size`. Stage mllm counts tokens: rows of `data.max_text_tokens` tokens each.
+    at most `stage.batch_size`. Stage mllm counts tokens: rows of `stage.pack_length` (else
+    `data.max_text_tokens`) tokens each.
     """
     s, world = cfg.stage, world_size(cfg.trainer)
+    rows, unit = s.global_batch_size, "samples"
+    _check(s.pack_length is None or (s.name == "mllm" and s.pack_length >= cfg.data.max_text_tokens),
+           f"stage.pack_length={s.pack_length} packs stage-1 documents: it needs stage=mllm and at least "
+           f"data.max_text_tokens ({cfg.data.max_text_tokens}) tokens, the longest document kept")
     if s.global_batch_size is None:
         s.accumulate_grad_batches = 1
         return
-    rows, unit = s.global_batch_size, "samples"
     if s.name == "mllm":
-        row = cfg.data.max_text_tokens
+        row = s.pack_length or cfg.data.max_text_tokens
         _check(s.global_batch_size % row == 0,
                f"stage.global_batch_size={s.global_batch_size} tokens is not a whole number of "
-               f"{row}-token rows (data.max_text_tokens); use a multiple of {row}")
+               f"{row}-token rows (stage.pack_length, else data.max_text_tokens); use a multiple of {row}")
         rows, unit = s.global_batch_size // row, f"rows of {row} tokens"
     if rows % world:
-        per_row = cfg.data.max_text_tokens if s.name == "mllm" else 1
+        per_row = (s.pack_length or cfg.data.max_text_tokens) if s.name == "mllm" else 1
         near = sorted({max(1, rows // world) * world, (rows // world + 1) * world})
         raise ConfigError(
             f"stage.global_batch_size={s.global_batch_size} ({rows} {unit}) does not split evenly over {world} "
@@ -456,7 +463,8 @@ def batch_summary(cfg: TrainConfig) -> str:
     """One line for start-up: how the global batch is made on this launch."""
     s, world = cfg.stage, world_size(cfg.trainer)
     per_step = s.batch_size * s.accumulate_grad_batches * world
-    unit = f" rows x {cfg.data.max_text_tokens} tokens" if s.name == "mllm" and s.global_batch_size else ""
+    unit = (f" rows x {s.pack_length or cfg.data.max_text_tokens} tokens" if s.name == "mllm" and s.global_batch_size
+            else "")
     return (f"batch: global {per_step}{unit} per step = {world} device(s) x micro-batch {s.batch_size} x "
             f"accumulation {s.accumulate_grad_batches}")
 

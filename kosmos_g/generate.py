@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "as in training)")
     p.add_argument("--out", default="out", help="output folder (created)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps")
+    p.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default: 50, the original app's)")
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (<= 1 disables)")
     p.add_argument("--num-images", type=_positive_int, default=4)
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm++")

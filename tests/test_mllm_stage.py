@@ -58,3 +58,45 @@ def test_mllm_then_align_hands_off_automatically(tiny_overrides, tmp_path):
     assert (align_export / "mllm" / "model.safetensors").read_bytes() == a
     scalars = read_scalars(run / "mllm" / "tensorboard")
     assert {"train/loss", "train/ppl", "throughput/tokens_per_sec"} <= set(scalars)
+
+
+def test_packed_rows_hold_whole_documents_and_train_as_separate_documents(tiny_overrides):
+    """stage.pack_length: documents go whole into rows (an image's slots are never split); attention, positions
+    and the loss stay per document, so the packed batch gives the loss of the same documents one per row."""
+    import torch
+
+    from kosmos_g.config import load_config
+    from kosmos_g.stages.mllm import build
+    from kosmos_g.run import RunPaths
+    from kosmos_g.train import _prepare_shared_files
+
+    cfg = load_config([*tiny_overrides, "stage=mllm", "stage.pack_length=128", "stage.batch_size=2"])
+    paths = RunPaths.create(cfg.runs_dir, cfg.run_name, "mllm")
+    _prepare_shared_files(cfg, paths, None)
+    module, data = build(cfg, paths.assets, None)
+    batch = next(iter(data.train_dataloader()))
+    docs = batch["document_ids"]
+    assert docs.shape[0] == 2 and docs.max() > 1 and batch["input_ids"].shape[1] <= 128
+    for i, (row, ids) in enumerate(zip(docs, batch["input_ids"])):
+        for d in range(1, int(row.max()) + 1):
+            where = (row == d).nonzero().flatten()
+            assert (where == torch.arange(where[0], where[-1] + 1)).all()  # contiguous
+            assert ids[where[0]] == 0  # each document starts with <s>
+        assert not batch["image_mask"][i][row == 0].any()  # no slot in the padding
+    # the same documents, one per row
+    features = module.processor
+    module.mllm.eval()
+    with torch.no_grad():
+        packed = module.mllm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_mask"],
+                             document_ids=docs).logits
+        images = batch["pixel_values"]
+        k = 0
+        for i, row in enumerate(docs):
+            for d in range(1, int(row.max()) + 1):
+                ids = batch["input_ids"][i][row == d][None]
+                slots = batch["image_mask"][i][row == d][None]
+                n = int(slots.sum()) // features.num_image_tokens
+                alone = module.mllm(ids, torch.ones_like(ids), images[k:k + n], slots).logits
+                k += n
+                assert (alone[0] - packed[i][row == d]).abs().max() < 1e-4
+    assert k == images.shape[0]

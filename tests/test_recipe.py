@@ -47,7 +47,7 @@ def test_paper_preset_trains_with_the_papers_recipe(stage):
     assert list(o.betas) == ref["betas"] and o.eps == ref["eps"]
     assert o.weight_decay == ref["weight_decay"] and o.grad_clip == ref["grad_clip"]
     if stage == "mllm":  # tokens, in whole 2,048-token rows; "1.2M" to 2%
-        assert cfg.stage.global_batch_size % 2048 == 0 and cfg.data.max_text_tokens == 2048
+        assert cfg.stage.global_batch_size % 2048 == 0 and cfg.stage.pack_length == 2048  # packed 2,048-token rows
         assert cfg.stage.global_batch_size == pytest.approx(batch, rel=0.02)
     else:
         assert cfg.stage.global_batch_size == batch

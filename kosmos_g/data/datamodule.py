@@ -89,17 +89,22 @@ class MixtureStream(IterableDataset):
                  collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, start_step: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, epochs: Optional[int] = None,
                  max_chars: Optional[int] = MAX_CHARS, segment_steps: Optional[int] = None,
-                 fast_forward: bool = True):
+                 fast_forward: bool = True, pack_length: Optional[int] = None,
+                 length: Optional[Callable[[dict], int]] = None):
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size}); check RANK / WORLD_SIZE")
         self.sources, self.weights = sources, weights
         self.featurize, self.collate = featurize, collate
+        self.pack_length, self.length = pack_length, length  # rows of whole samples (stage.pack_length)
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.start_step, self.epochs, self.max_chars = seed, start_step, epochs, max_chars
         self.rank, self.world_size = rank, world_size
         self.segment_steps, self.fast_forward = segment_steps, fast_forward
+        if pack_length is not None and length is None:
+            raise ValueError("pack_length needs length(features) -> tokens")
+        self.pack_length, self.length = pack_length, length
 
     def reader(self) -> tuple[int, int]:
         """(this reader's index, number of readers) over all ranks x DataLoader workers (lanes, see above)."""
@@ -161,18 +166,34 @@ class MixtureStream(IterableDataset):
         rng = random.Random(f"{self.seed}-{seed_step}-mixture-{index}-{count}")
         streams = {kind: self._features(kind, urls, index, count, skipped, seed_step)
                    for kind, urls in self.sources.items()}
-        batch = []
+        batch, used = [], []  # packing: rows (lists of samples) and their token counts
         while streams:
             kinds = list(streams)
             kind = rng.choices(kinds, [self.weights[k] for k in kinds])[0]
             try:
-                batch.append(next(streams[kind]))
+                sample = next(streams[kind])
             except StopIteration:  # only with `epochs`: this kind is done, mix the rest
                 del streams[kind]
                 continue
-            if len(batch) == self.batch_size:
+            if self.pack_length is None:
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+                continue
+            # Packing: whole samples, first fit into `batch_size` rows of `pack_length` tokens (a sample, and so
+            # an image's slots, is never split); a sample that fits no row closes the batch and opens the next.
+            n = self.length(sample)
+            row = next((i for i, u in enumerate(used) if u + n <= self.pack_length), None)
+            if row is None and len(batch) == self.batch_size:
                 yield batch
-                batch = []
+                batch, used = [], []
+            if row is None:
+                batch.append([sample])
+                used.append(n)
+            else:
+                batch[row].append(sample)
+                used[row] += n
         if batch:
             yield batch
 
@@ -214,12 +235,14 @@ class KosmosGDataModule(L.LightningDataModule):
     endless, as training wants) limits the number of passes, for evaluation and tests."""
 
     def __init__(self, cfg: DataConfig, stage: str, batch_size: int, featurize: Callable[[Sample, random.Random], dict],
-                 collate: Callable[[list], dict], seed: int = 0):
+                 collate: Callable[[list], dict], seed: int = 0, pack_length: Optional[int] = None,
+                 length: Optional[Callable[[dict], int]] = None):
         super().__init__()
         if stage not in cfg.mixture:
             raise ConfigError(f"data.mixture has no entry for stage {stage!r}; it has {sorted(cfg.mixture)}")
         self.cfg, self.stage, self.batch_size, self.seed = cfg, stage, batch_size, seed
         self.featurize, self.collate = featurize, collate
+        self.pack_length, self.length = pack_length, length  # rows of whole samples (stage.pack_length)
         self.start_step = 0  # set by the trainer script on resume
         self.segment_steps: Optional[int] = None  # train.py: trainer.checkpoint_every_n_steps
         self.fast_forward = True  # train.py: trainer.exact_data_resume
@@ -248,7 +271,8 @@ class KosmosGDataModule(L.LightningDataModule):
     def stream(self) -> MixtureStream:
         return MixtureStream(self.sources(), dict(self.cfg.mixture[self.stage]), self.featurize, self.collate,
                              self.batch_size, self.cfg.shuffle_buffer, self.seed, self.start_step,
-                             epochs=self.epochs, segment_steps=self.segment_steps, fast_forward=self.fast_forward)
+                             epochs=self.epochs, segment_steps=self.segment_steps, fast_forward=self.fast_forward,
+                             pack_length=self.pack_length, length=self.length)
 
     def check_sources(self) -> None:
         """Fail now, with a ConfigError, if a kind of this stage's mixture has no usable sample.

@@ -25,10 +25,38 @@ from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
 # diffusers' pipeline loader looks the base class up by name in this module (model_index.json names the module).
 from transformers import PreTrainedModel  # noqa: F401
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextSinusoidalPositionalEmbedding
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextSinusoidalPositionalEmbedding, Kosmos2TextTransformer
 
 from kosmos_g.models.tokenizers import IMAGE_START, check_special_layout
 from kosmos_g.models.vision import load_vision_weights
+
+
+class PackedTextTransformer(Kosmos2TextTransformer):
+    """Kosmos-2's text transformer that also takes a ready [B, 1, L, L] additive attention mask: packed rows
+    (several documents in one row, stage 1) attend within their own document only. A 2D mask as before."""
+
+    def _prepare_decoder_attention_mask(self, attention_mask, input_shape, inputs_embeds, cache_length):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask.to(inputs_embeds.dtype)
+        return super()._prepare_decoder_attention_mask(attention_mask, input_shape, inputs_embeds, cache_length)
+
+
+def document_attention(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] document index per position (0 at padding) -> additive [B, 1, L, L] mask: causal within a document."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril()
+    allowed = same & causal & (document_ids[:, None, :] > 0)
+    return torch.zeros(allowed.shape, dtype=dtype, device=same.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def document_positions(document_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """fairseq positions restarting at every document of a packed row (padding_idx + 1 = 2 first); pads padding_idx."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return torch.where(document_ids > 0, index - first + padding_idx + 1, torch.full_like(index, padding_idx))
 
 
 @strict
@@ -56,6 +84,7 @@ class MultimodalLM(Kosmos2ForConditionalGeneration):
 
     def __init__(self, config: MultimodalLMConfig):
         super().__init__(config)
+        self.text_model.model.__class__ = PackedTextTransformer  # same weights; also takes per-document masks
         self._frozen_vision: list[str] = []  # submodules kept in eval mode by `train()`; filled by `lock_vision`
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -118,27 +147,40 @@ class MultimodalLM(Kosmos2ForConditionalGeneration):
 
     # --- outputs --------------------------------------------------------------------------------
 
+    def _mask_and_positions(self, input_ids, attention_mask, document_ids, dtype):
+        """2D padding mask and fairseq positions, or, for packed rows, per-document attention and positions."""
+        if document_ids is None:
+            return attention_mask, self.positions(input_ids)
+        pad = self.config.text_config.pad_token_id
+        return document_attention(document_ids, dtype), document_positions(document_ids, pad)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-               image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final `layer_norm` output [B, L, d] at every position (`<s>`, text, image tokens): the condition source."""
+               image_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final `layer_norm` output [B, L, d] at every position (`<s>`, text, image tokens): the condition source.
+
+        document_ids: [B, L] for packed rows (stage 1): each document's index in its row, 0 at padding; its
+        tokens then attend, and count positions, within their own document only.
+        """
         embeds = self.embed(input_ids, pixel_values, image_mask)
-        return self.text_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                     position_ids=self.positions(input_ids), use_cache=False).last_hidden_state
+        mask, positions = self._mask_and_positions(input_ids, attention_mask, document_ids, embeds.dtype)
+        return self.text_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                     use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> CausalLMOutputWithCrossAttentions:
+                image_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> CausalLMOutputWithCrossAttentions:
         """Next-token logits; with `labels` (-100 where no loss), also the mean cross-entropy.
 
         Slots never count as targets, even if `labels` holds their ids: their input is an image latent,
-        not a token, so there is nothing to predict there.
+        not a token, so there is nothing to predict there. `document_ids`: as in `encode`.
         """
         image_mask = self.placeholder_mask(input_ids, image_mask)
         embeds = self.embed(input_ids, pixel_values, image_mask)
         if labels is not None:
             labels = labels.masked_fill(image_mask, -100)
-        return self.text_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                               position_ids=self.positions(input_ids), labels=labels, use_cache=False)
+        mask, positions = self._mask_and_positions(input_ids, attention_mask, document_ids, embeds.dtype)
+        return self.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
+                               use_cache=False)
 
     # --- training switches ----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from kosmos_g.config import TrainConfig
 from kosmos_g.data.datamodule import KosmosGDataModule
 from kosmos_g.data.format import Sample
 from kosmos_g.data.shards import BadSample
-from kosmos_g.processor import KosmosGProcessor, PromptError
+from kosmos_g.processor import Encoded, KosmosGProcessor, PromptError
 from kosmos_g.stages.common import configure_adamw, load_mllm, save_part, trainable_state_dict
 
 
@@ -41,10 +41,32 @@ class MLLMFeatures:
             raise BadSample("too_long", f"{len(encoded.input_ids)} tokens")
         return {"encoded": encoded, "kind": sample.kind}
 
-    def collate(self, features: list[dict]) -> dict:
-        batch = self.processor.collate([f["encoded"] for f in features])
-        batch["kinds"] = [f["kind"] for f in features]
-        return batch
+    @staticmethod
+    def length(features: dict) -> int:
+        """Tokens of one featurized document (what packing counts)."""
+        return len(features["encoded"].input_ids)
+
+    def collate(self, batch: list) -> dict:
+        """A batch of documents, one per row; or of packed rows (lists of documents, `stage.pack_length`), whose
+        documents are concatenated and told apart by `document_ids` (1, 2, ... in each row, 0 at padding)."""
+        rows = [row if isinstance(row, list) else [row] for row in batch]
+        out = self.processor.collate([Encoded(*(torch.cat([getattr(f["encoded"], k) for f in row])
+                                                for k in ("input_ids", "image_mask", "loss_mask", "pixel_values")))
+                                      for row in rows])
+        kinds = sorted({f["kind"] for row in rows for f in row})
+        document_ids = torch.zeros_like(out["input_ids"])
+        kind_ids = torch.full_like(out["input_ids"], -1)
+        for i, row in enumerate(rows):
+            start = 0
+            for d, f in enumerate(row, 1):
+                end = start + self.length(f)
+                document_ids[i, start:end], kind_ids[i, start:end] = d, kinds.index(f["kind"])
+                start = end
+        out["kinds"] = [f["kind"] for row in rows for f in row]
+        out["kind_ids"], out["kind_names"] = kind_ids, kinds  # per token: the kind of its document
+        if any(len(row) > 1 for row in rows):
+            out["document_ids"] = document_ids
+        return out
 
 
 class MultimodalLMModule(L.LightningModule):
@@ -60,7 +82,7 @@ class MultimodalLMModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.mllm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                           batch["image_mask"]).logits
+                           batch["image_mask"], document_ids=batch.get("document_ids")).logits
         # Next-token loss per token, so it can also be reported per source kind.
         labels = batch["labels"][:, 1:]
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
@@ -74,10 +96,10 @@ class MultimodalLMModule(L.LightningModule):
         loss = (token_loss * counted).sum() / tokens
 
         logs = {"train/loss": loss, "train/ppl": math.exp(min(loss.item(), 20.0))}
-        for kind in sorted(set(batch["kinds"])):
-            rows = torch.tensor([k == kind for k in batch["kinds"]], device=labels.device)
-            logs[f"mllm/loss_{kind}"] = (token_loss[rows] * counted[rows]).sum() / counted[rows].sum().clamp(min=1)
-        self.log_dict(logs, prog_bar=True, batch_size=len(batch["kinds"]))
+        for k, kind in enumerate(batch["kind_names"]):  # each target token counts for its document's kind
+            of_kind = counted * (batch["kind_ids"][:, 1:] == k)
+            logs[f"mllm/loss_{kind}"] = (token_loss * of_kind).sum() / of_kind.sum().clamp(min=1)
+        self.log_dict(logs, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
     def configure_optimizers(self):
@@ -95,5 +117,6 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
     mllm, processor, _ = load_mllm(cfg, assets, init_export, lambda: corpus(cfg.data))
     module = MultimodalLMModule(mllm, cfg, processor)
     features = MLLMFeatures(processor, cfg.data.max_text_tokens)
-    data = KosmosGDataModule(cfg.data, "mllm", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    data = KosmosGDataModule(cfg.data, "mllm", cfg.stage.batch_size, features, features.collate, cfg.seed,
+                             pack_length=cfg.stage.pack_length, length=features.length)
     return module, data
