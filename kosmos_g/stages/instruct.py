@@ -57,6 +57,17 @@ def instruction(sample: Sample, rng: random.Random, entity_drop_prob: float) -> 
     return out
 
 
+def with_row(batch: dict, extra: dict, pad_id: int) -> dict:
+    """The processor batch `batch` with the one-row batch `extra` (no images) appended as its last row; the
+    shorter is right-padded (attention 0), so every row computes what it would alone."""
+    length = max(batch["input_ids"].shape[1], extra["input_ids"].shape[1])
+    out = dict(batch)
+    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("image_mask", 0)):
+        rows = [t.to(batch[key].device) for t in (batch[key], extra[key])]
+        out[key] = torch.cat([F.pad(t.long(), (0, length - t.shape[1]), value=value) for t in rows]).to(batch[key].dtype)
+    return out
+
+
 class InstructFeatures:
     def __init__(self, processor: KosmosGProcessor, image_size: int, max_text_tokens: int, entity_drop_prob: float,
                  caches: dict[str, FeatureCache] | None = None):
@@ -117,12 +128,12 @@ class ScoreDistillTuner(L.LightningModule):
             latents = self.diffusion.encode_images(batch["target_pixels"])       # frozen VAE, no grad
         noisy, noise, timesteps = self.diffusion.add_noise(latents)
 
-        cond = condition(self.mllm, self.aligner, batch)                          # [B, 77, d_clip]
-        # The null condition is computed at every step, one row broadcast to the dropped ones, even when
-        # nothing is dropped: under FSDP each forward all-gathers, so every rank must run the same number
-        # of them whatever its random drops (a rank-dependent extra pass deadlocks the collectives).
-        empty = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.empty_prompt.items()}
-        null = condition(self.mllm, self.aligner, empty)                            # [1, 77, d_clip], trained as well
+        # The null condition M(MLLM(`<s>`)) is computed at every step, as one more row of the same forward, and
+        # broadcast to the dropped conditions: under FSDP every forward all-gathers, so every rank must run the
+        # same forwards whatever its random drops (an extra pass on some ranks only deadlocks the collectives).
+        rows = with_row(batch, self.empty_prompt, self.processor.tokenizer.pad_token_id)
+        both = condition(self.mllm, self.aligner, rows)                              # [B + 1, 77, d_clip]
+        cond, null = both[:-1], both[-1:]                                             # null is trained as well
         drop = self.cfg_drop_mask(len(cond))
         cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
 
