@@ -112,7 +112,7 @@ def test_entity_words_are_dropped_once_per_sample_as_in_the_official_loader():
 
 
 def test_edit_prompts_carry_the_input_caption_dropped_at_the_configured_rate():
-    """The official edit prompt: `<s> [input caption, dropped with p 0.5] <image>src</image> instruction </s>`."""
+    """The official edit prompt: `<s> [input caption, dropped with p 0.5] <image>src</image> instruction`."""
     import random
     from PIL import Image
     from kosmos_g.data.format import InputCaption, Sample

@@ -181,7 +181,7 @@ def iter_edits(edits: str, image_root: str, skipped: Counter) -> Iterator[Sample
     "input_caption": ... (optional)}, or from InstructPix2Pix's release folder (`ip2p_rows`).
 
     The input caption, when there is one, becomes the sample's `InputCaption` (the official prompt is
-    `<s> caption <image>source</image> instruction </s>`, the caption dropped with p 0.5 in training)."""
+    `<s> caption <image>source</image> instruction`, the caption dropped with p 0.5 in training)."""
     rows = ip2p_rows(edits, skipped) if os.path.isdir(edits) else read_rows(edits, skipped)
     for row in rows:
         instruction = _text(row.get("edit"))

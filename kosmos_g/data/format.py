@@ -36,7 +36,7 @@ class Entity:
 @dataclass
 class InputCaption:
     """The caption of an edit's source image ("a house by a lake"), shown before it. InstructPix2Pix
-    provides one per edit; the official prompt is `<s> caption <image>source</image> instruction </s>`
+    provides one per edit; the official prompt is `<s> caption <image>source</image> instruction`
     with the caption dropped with probability 0.5 at training time."""
 
     text: str
