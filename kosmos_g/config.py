@@ -260,7 +260,8 @@ class DataConfig:
     max_text_tokens: int = 128
     """Longer documents are skipped and counted (reason `too_long`)."""
     entity_drop_prob: float = 0.5
-    """subject kind: probability that the entity word before a subject image is dropped (the paper's 0.5)."""
+    """Stage 3 (the official `--random-drop-caption-prob 0.5`): the probability that a subject sample's entity
+    words are all dropped (one draw per sample) and that an edit sample's input caption is dropped."""
     vae_image_size: int = 512
     """Target images: centre crop to this size, scaled to [-1, 1], for the VAE."""
     clip_text_cache: Optional[str] = None

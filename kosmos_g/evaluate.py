@@ -12,9 +12,11 @@ generated images (`images/<name>/`, reused by a rerun instead of regenerated), g
 (`grids/<name>/`) and TensorBoard scalars (`tensorboard/<name>/`). The protocols themselves are
 in `kosmos_g.eval.protocols`; weights come only from the local paths given (nothing is downloaded).
 
-Paper settings: DreamBench 4 images per prompt, DPM-Solver 100 steps, guidance 7.5
-(`--images-per-prompt 4 --scheduler dpm++ --steps 100 --guidance 7.5`); COCO 30k captions,
-DDIM 250 steps, guidance 3 (`--scheduler ddim --steps 250 --guidance 3`), FID at 256 px.
+The defaults are the paper's settings (the original scripts sample_kosmosg_dreambench.py and
+sample_kosmosg_coco.py): DreamBench 4 images per prompt, DPM-Solver++ 100 steps, guidance 7.5, DINO
+and CLIP-I against each subject's input photo (`--all-photos`: against all its photos, DreamBooth's
+protocol); COCO 30k captions, DDIM 250 steps, guidance 3, FID at 256 px. Each table's header says
+which sampler settings and which protocol its rows used.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,18 +35,24 @@ import torch  # noqa: E402
 from kosmos_g.eval import report  # noqa: E402
 from kosmos_g.eval.dreambench import PROMPTS_FILE, DreamBenchError, load_dreambench  # noqa: E402
 from kosmos_g.eval.metrics import DINO_MODEL_NAME, TINY_DINO_KWARGS, build_fid, load_clip, load_dino  # noqa: E402
-from kosmos_g.eval.protocols import (FID_IMAGE_SIZE, EvaluationError, Generation, ImageCache,  # noqa: E402
-                                     coco_settings, dreambench_cases, evaluate_fid, fid_from_clip,
-                                     load_coco_captions, real_image_scores, run_dreambench, save_grid)
+from kosmos_g.eval.protocols import (FID_IMAGE_SIZE, PAPER_COCO, PAPER_DREAMBENCH, EvaluationError,  # noqa: E402
+                                     Generation, ImageCache, coco_settings, dreambench_cases, dreambench_settings,
+                                     evaluate_fid, fid_from_clip, load_coco_captions, real_image_scores,
+                                     run_dreambench, save_grid)
 
 REAL_ROW = "real images"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What DINO / CLIP-I compare each generated image with (the table's `against` column).
+AGAINST = {
+    "input photo": "the input photo of its subject (the original Kosmos-G evaluation, sample_kosmosg_dreambench.py)",
+    "all photos": "every photo of its subject, averaged (DreamBooth's protocol, `--all-photos`)",
+}
 DREAMBENCH_NOTE = (
-    "DINO / CLIP-I: mean cosine of each generated image to all real photos of its subject; CLIP-T: "
-    "image-text cosine against the prompt with the class noun (\"a backpack in the jungle\"); all "
-    "averaged over images. *real images*: each real photo against the other photos of its subject "
-    "(itself excluded), averaged over photos (DreamBooth's upper bound).")
+    "CLIP-T: image-text cosine against the prompt with the class noun (\"a backpack in the jungle\"); all "
+    "scores averaged over images. *real images*: real photos scored as the generated images are, never against "
+    "themselves: each other photo against the input photo, or (all photos) each photo against the other photos "
+    "of its subject, DreamBooth's upper bound, the protocol of the paper's real-images row (0.774 / 0.885).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +126,18 @@ def positive(text: str) -> int:
     return value
 
 
-def _common(parser: argparse.ArgumentParser, steps: int, guidance: float) -> None:
+def _common(parser: argparse.ArgumentParser, paper: Generation) -> None:
+    """Flags both commands share; the sampler defaults are the paper's for the benchmark (`paper`)."""
     parser.add_argument("--pipeline", required=True, help="exported pipeline folder (model_index.json)")
     parser.add_argument("--name", help="row name in the tables (default: <run>/<stage> of an export folder)")
     parser.add_argument("--out", required=True, help="output folder; shared by runs to build one table")
-    parser.add_argument("--steps", type=positive, default=steps, help="sampling steps")
-    parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale")
-    parser.add_argument("--scheduler", default="dpm++",
-                        help="sampler, a KosmosGPipeline.use_scheduler name (dpm++, ddim, ...); 'keep': the saved one")
+    parser.add_argument("--steps", type=positive, default=paper.steps,
+                        help=f"sampling steps (default {paper.steps}, the paper's)")
+    parser.add_argument("--guidance", type=float, default=paper.guidance,
+                        help=f"classifier-free guidance scale (default {paper.guidance:g}, the paper's)")
+    parser.add_argument("--scheduler", default=paper.scheduler,
+                        help=f"sampler, a KosmosGPipeline.use_scheduler name (dpm++, ddim, ...; default "
+                        f"{paper.scheduler}, the paper's); 'keep': the one saved in the export")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; every case gets a fixed seed from it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,17 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kosmos_g.evaluate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="protocol", required=True)
     db = sub.add_parser("dreambench", help="DINO, CLIP-I, CLIP-T on DreamBench (30 subjects x 25 prompts)")
-    _common(db, steps=20, guidance=6.0)
+    _common(db, PAPER_DREAMBENCH)
     db.add_argument("--data", required=True, help=f"DreamBench folder (subject folders + {PROMPTS_FILE})")
     db.add_argument("--subjects", help="comma-separated subset of subjects (default: all 30)")
     db.add_argument("--prompts", type=positive, help="first N prompts per subject (default: all 25)")
-    db.add_argument("--images-per-prompt", type=positive, default=4, help="images per prompt (4 in the paper)")
+    db.add_argument("--images-per-prompt", type=positive, default=PAPER_DREAMBENCH.images_per_prompt,
+                    help=f"images per prompt (default {PAPER_DREAMBENCH.images_per_prompt}, the paper's)")
+    db.add_argument("--all-photos", action="store_true",
+                    help="score DINO / CLIP-I against all photos of each subject (DreamBooth's protocol) instead "
+                    "of its input photo (the original Kosmos-G evaluation)")
     db.add_argument("--clip", required=True, help="local CLIPModel folder (CLIP-I, CLIP-T; paper: ViT-B/32)")
     db.add_argument("--dino", required=True, help="local DINO ViT-S/16 weight file")
     db.add_argument("--no-real", action="store_true", help="skip the 'real images' upper-bound row")
 
     coco = sub.add_parser("coco", help="FID of images generated from COCO captions")
-    _common(coco, steps=20, guidance=6.0)
+    _common(coco, PAPER_COCO)
     coco.add_argument("--captions", required=True, help="captions_val2014.json (or a list of {caption, file_name})")
     coco.add_argument("--images", required=True, help="folder of the captioned real images (val2014/)")
     coco.add_argument("--num", type=positive, default=30000, help="number of captions / images (30000 in the paper)")
@@ -186,12 +201,13 @@ def run_dreambench_command(args) -> dict:
               inside=PROMPTS_FILE)
     bench = load_dreambench(args.data)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    cases = dreambench_cases(bench, subjects, args.prompts)
+    cases = dreambench_cases(bench, subjects, args.prompts, all_photos=args.all_photos)
+    against = "all photos" if args.all_photos else "input photo"
     name = args.name or default_name(args.pipeline)
     out, key = Path(args.out), slug(name)
     gen = _generation(args, args.images_per_prompt)
     image_dir = out / "images" / key / "dreambench"
-    ImageCache.check(image_dir, asdict(gen))  # before loading anything: images of other settings?
+    ImageCache.check(image_dir, dreambench_settings(gen))  # before loading anything: images of other settings?
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
     clip, dino = load_clip(clip_path), _dino(dino_path, args)
 
@@ -204,11 +220,12 @@ def run_dreambench_command(args) -> dict:
     if not args.no_real:
         real, real_subjects = real_image_scores(cases, clip, dino, args.device, progress=not args.quiet)
         rows.append({"name": REAL_ROW, "DINO": real["DINO"], "CLIP-I": real["CLIP-I"], "CLIP-T": None,
-                     "images": real["images"], "subjects": len(real_subjects)})
+                     "against": against, "images": real["images"], "subjects": len(real_subjects)})
         subject_rows += [{"name": REAL_ROW, "subject": s, **v} for s, v in real_subjects.items()]
         report.log_scalars(out / "tensorboard" / slug(REAL_ROW),
                            {"dreambench/DINO": real["DINO"], "dreambench/CLIP-I": real["CLIP-I"]}, args.step)
-    rows.append({"name": name, **{k: result.scores[k] for k in ("DINO", "CLIP-I", "CLIP-T", "images")},
+    rows.append({"name": name, **{k: result.scores[k] for k in ("DINO", "CLIP-I", "CLIP-T")}, "against": against,
+                 "images": result.scores["images"],
                  "subjects": n_subjects, "prompts": prompts, "images_per_prompt": gen.images_per_prompt,
                  **_settings(args, gen)})
     subject_rows += [{"name": name, "subject": s, **v} for s, v in result.per_subject.items()]
@@ -216,16 +233,49 @@ def run_dreambench_command(args) -> dict:
     table = report.upsert_rows(out / "dreambench.csv", rows)
     report.upsert_rows(out / "dreambench_subjects.csv", subject_rows, key=("name", "subject"))
     table = sorted(table, key=lambda r: r["name"] != REAL_ROW)  # the upper bound first, as in the paper
-    columns = ["name", "DINO", "CLIP-I", "CLIP-T", "images", "subjects", "prompts", "images_per_prompt",
+    for r in table:  # rows written before the column existed were all scored against all photos
+        r["against"] = r.get("against") or "all photos"
+    columns = ["name", "DINO", "CLIP-I", "CLIP-T", "against", "images", "subjects", "prompts", "images_per_prompt",
                "scheduler", "steps", "guidance", "seed"]
     md = report.markdown_table(table, columns, ["method"] + columns[1:])
+    header = dreambench_header(table)
     report.write_markdown(out / "dreambench.md", "DreamBench (zero-shot subject-driven generation)", md,
-                          [DREAMBENCH_NOTE])
+                          [DREAMBENCH_NOTE], header=header)
     report.log_scalars(out / "tensorboard" / key, {f"dreambench/{k}": result.scores[k]
                                                    for k in ("DINO", "CLIP-I", "CLIP-T")}, args.step)
-    print(md)
+    print("\n".join(header + [md]))
     print(f"{result.generated} images generated, {result.reused} reused; tables in {out}")
     return {**result.scores, "generated": result.generated, "reused": result.reused}
+
+
+def _described(settings: tuple) -> str:
+    scheduler, steps, guidance, *per_prompt = settings
+    return f"{scheduler}, {steps} steps, guidance {guidance}" + (f", {per_prompt[0]} images per prompt"
+                                                                  if per_prompt else "")
+
+
+def sampling_header(table: list[dict], paper: Generation, per_prompt: bool = False) -> str:
+    """One line saying how the table's images were sampled, and whether that is the paper's setting."""
+    fields = ("scheduler", "steps", "guidance") + (("images_per_prompt",) if per_prompt else ())
+    used = sorted({tuple(r.get(f, "") for f in fields) for r in table if r.get("steps")})
+    want = (paper.scheduler, str(paper.steps), f"{paper.guidance:g}") + \
+        ((str(paper.images_per_prompt),) if per_prompt else ())
+    if used == [want]:
+        return f"Sampling: {_described(want)} (the paper's settings)."
+    if len(used) == 1:
+        return f"Sampling: {_described(used[0])}; the paper's: {_described(want)}."
+    return f"Sampling: per row (columns {', '.join(fields)}); the paper's: {_described(want)}."
+
+
+def dreambench_header(table: list[dict]) -> list[str]:
+    """The protocol (what DINO / CLIP-I score against) and the sampling of the table's rows."""
+    protocols = [a for a in AGAINST if any(r.get("against") == a for r in table)]
+    if len(protocols) == 1:
+        scored = f"DINO / CLIP-I: each generated image against {AGAINST[protocols[0]]}."
+    else:
+        scored = "DINO / CLIP-I: rows differ in what each generated image is scored against (column `against`): " + \
+            "; ".join(f"{a}: {AGAINST[a]}" for a in protocols) + "."
+    return [scored, sampling_header([r for r in table if r["name"] != REAL_ROW], PAPER_DREAMBENCH, per_prompt=True)]
 
 
 def _fid(args):
@@ -269,9 +319,9 @@ def run_coco_command(args) -> dict:
     report.write_markdown(out / "coco.md", "COCO FID (zero-shot text-to-image)", md, [
         f"FID between images generated from {scores['images']} captions and the captioned real images, both "
         f"resized (shorter side, bicubic) and centre-cropped to {args.size} px. Only rows with features "
-        "'inception' compare with the paper."])
+        "'inception' compare with the paper."], header=[sampling_header(table, PAPER_COCO)])
     report.log_scalars(out / "tensorboard" / key, {"coco/FID": scores["FID"]}, args.step)
-    print(md)
+    print(sampling_header(table, PAPER_COCO) + "\n" + md)
     print(f"{scores['generated']} images generated, {scores['reused']} reused; tables in {out}")
     return scores
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kosmos_g.eval.dreambench import (PROMPTS_FILE, DreamBenchError, clip_t_text, kosmos_prompt,
-                                      load_dreambench)
+from kosmos_g.eval.dreambench import (OFFICIAL_INPUT_PHOTOS, PROMPTS_FILE, DreamBenchError, clip_t_text,
+                                      kosmos_prompt, load_dreambench)
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "dreambench"
 needs_shared = pytest.mark.skipif(not (SHARED / PROMPTS_FILE).is_file(), reason=f"{SHARED} not present")
@@ -86,6 +86,17 @@ def test_prompt_forms_for_a_subject(bench):
         assert subject.class_noun in prompt.clip_t_text and "{" not in prompt.clip_t_text
 
 
+@needs_shared
+def test_input_photos_are_the_ones_the_original_evaluation_keeps(bench):
+    """kosmos-g/scripts/remove_dreambench_multiimg.sh deletes all photos but one per subject before
+    sample_kosmosg_dreambench.py walks the folder: that photo is `<i>` and what DINO / CLIP-I compare with."""
+    kept = {"backpack": "02.jpg", "dog": "02.jpg", "cat": "04.jpg", "robot_toy": "00.jpg", "vase": "02.jpg"}
+    assert {name: bench.subject(name).input_photo.name for name in kept} == kept
+    assert set(OFFICIAL_INPUT_PHOTOS) == {s.name for s in bench.subjects}
+    assert all(s.input_photo in s.images and s.input_photo.name == OFFICIAL_INPUT_PHOTOS[s.name]
+               for s in bench.subjects)
+
+
 # ---------------------------------------------------------------------------------------------- formatting
 
 
@@ -144,6 +155,7 @@ def test_reads_any_folder_with_the_same_layout(tmp_path):
     assert [p.kosmos_prompt for p in bench.prompts_for("mug")] == ["<i> in the jungle", "<i>, shiny"]
     assert [p.clip_t_text for p in bench.prompts_for("puppy")] == ["a dog wearing a red hat"]
     assert bench.subject("mug").load_images()[1].shape == (3, 16, 24)
+    assert bench.subject("mug").input_photo.name == "00.jpg"  # not in the original list: the first photo
     with pytest.raises(KeyError, match="mug, puppy"):
         bench.subject("teapot")
 

@@ -96,8 +96,10 @@ def test_dreambench_writes_tables_grids_and_tensorboard(first_run, backbones):
     assert list(rows) == ["real images", "a"]
     row, real = rows["a"], rows["real images"]
     assert (row["images"], row["subjects"], row["prompts"], row["steps"]) == ("4", "2", "2", "2")
+    assert row["against"] == real["against"] == "input photo"  # the original evaluation's protocol
+    # The real row scores every other photo of a subject against its input photo.
     assert real["CLIP-T"] == "" and int(real["images"]) == sum(
-        len(load_dreambench(SHARED).subject(s).images) for s in SUBJECTS.split(","))
+        len(load_dreambench(SHARED).subject(s).images) - 1 for s in SUBJECTS.split(","))
     for r in (row, real):
         assert all(-1 <= float(r[k]) <= 1 for k in ("DINO", "CLIP-I"))
 
@@ -107,7 +109,7 @@ def test_dreambench_writes_tables_grids_and_tensorboard(first_run, backbones):
     metrics = [DINOScore(dino), CLIPIScore(clip), CLIPTScore(clip)]
     for case in dreambench_cases(bench, SUBJECTS.split(","), 2):
         image = to_tensor(out / "images" / "a" / "dreambench" / f"{case.key}_0.png")[None]
-        refs = [to_tensor(p) for p in case.real_images]
+        refs = [to_tensor(bench.subject(case.subject).input_photo)]  # the photo `<i>` stood for
         metrics[0].update(image, refs)
         metrics[1].update(image, refs)
         metrics[2].update(image, [case.text])
@@ -117,10 +119,57 @@ def test_dreambench_writes_tables_grids_and_tensorboard(first_run, backbones):
     per_subject = read_csv(out / "dreambench_subjects.csv")
     assert {(r["name"], r["subject"]) for r in per_subject} == {(n, s) for n in rows for s in SUBJECTS.split(",")}
     md = (out / "dreambench.md").read_text()
-    assert "| method | DINO | CLIP-I | CLIP-T |" in md and "| real images |" in md and "itself excluded" in md
+    assert "| method | DINO | CLIP-I | CLIP-T | against |" in md and "| real images |" in md
+    # The header says what the rows were scored against and sampled with, before the table.
+    header = md[:md.index("| method")]
+    assert "each generated image against the input photo of its subject" in header
+    assert "Sampling: dpm++, 2 steps, guidance 7.5, 1 images per prompt; the paper's: dpm++, 100 steps, " \
+           "guidance 7.5, 4 images per prompt." in header
     assert {p.name for p in (out / "grids" / "a" / "dreambench").iterdir()} == {"backpack.png", "dog.png"}
     assert Image.open(out / "grids" / "a" / "dreambench" / "dog.png").size == (3 * 128, 128)  # reference + 2
     assert list((out / "tensorboard" / "a").glob("events.out.tfevents.*"))
+
+
+@needs_shared
+def test_all_photos_protocol_scores_against_every_photo(tmp_path, first_run, backbones, fake):
+    """--all-photos: DreamBooth's protocol on the same images (reused: the protocol is not a sampling setting)."""
+    out = shutil.copytree(first_run[0], tmp_path / "eval")
+    input_dino = {r["name"]: r for r in read_csv(out / "dreambench.csv")}["a"]["DINO"]
+    assert evaluate.main(dreambench_argv(out, backbones, "--all-photos")) == 0
+    assert fake.prompts == []  # nothing regenerated
+    rows = {r["name"]: r for r in read_csv(out / "dreambench.csv")}
+    assert rows["a"]["against"] == rows["real images"]["against"] == "all photos"
+    bench = load_dreambench(SHARED)
+    assert int(rows["real images"]["images"]) == sum(len(bench.subject(s).images) for s in SUBJECTS.split(","))
+    clip, dino = load_clip(backbones.clip), load_dino(backbones.dino, **TINY_DINO_KWARGS)
+    metric = DINOScore(dino)
+    for case in dreambench_cases(bench, SUBJECTS.split(","), 2, all_photos=True):
+        assert case.real_images == tuple(bench.subject(case.subject).images)
+        metric.update(to_tensor(out / "images" / "a" / "dreambench" / f"{case.key}_0.png")[None],
+                      [to_tensor(p) for p in case.real_images])
+    assert float(rows["a"]["DINO"]) == pytest.approx(metric.compute().item(), abs=1e-5)
+    assert float(rows["a"]["DINO"]) != pytest.approx(float(input_dino), abs=1e-4)
+    header = (out / "dreambench.md").read_text().split("| method")[0]
+    assert "each generated image against every photo of its subject, averaged (DreamBooth's" in header
+    # Rows of both protocols in one table: the header says so and the column tells them apart.
+    assert evaluate.main(dreambench_argv(out, backbones, "--name", "b", "--no-real")) == 0
+    header = (out / "dreambench.md").read_text().split("| method")[0]
+    assert "rows differ in what each generated image is scored against" in header
+    assert "all photos: every photo of its subject" in header and "input photo: the input photo" in header
+
+
+def test_defaults_are_the_papers_settings():
+    """What a user gets without sampler flags: DreamBench DPM-Solver++ 100 steps, guidance 7.5, 4 images per
+    prompt, scored against the input photo; COCO DDIM 250 steps, guidance 3, 30k captions (nothing generated)."""
+    parser = evaluate.build_parser()
+    db = parser.parse_args(["dreambench", "--pipeline", "p", "--data", "d", "--out", "o", "--clip", "c", "--dino", "x"])
+    assert (db.scheduler, db.steps, db.guidance, db.images_per_prompt, db.all_photos) == ("dpm++", 100, 7.5, 4, False)
+    coco = parser.parse_args(["coco", "--pipeline", "p", "--captions", "c", "--images", "i", "--out", "o",
+                              "--inception", "w"])
+    assert (coco.scheduler, coco.steps, coco.guidance, coco.num, coco.size) == ("ddim", 250, 3.0, 30000, 256)
+    # Those names are samplers the pipeline knows (DPM-Solver++ is the original's "dpms" scheduler).
+    from kosmos_g.pipeline import SCHEDULERS
+    assert SCHEDULERS["dpm++"][1] == {"algorithm_type": "dpmsolver++"} and "ddim" in SCHEDULERS
 
 
 @needs_shared
@@ -176,6 +225,11 @@ def test_real_images_row_is_the_leave_one_out_mean(tmp_path, backbones):
     assert per_subject["trio"]["DINO"] == pytest.approx(expected, abs=1e-6)
     assert scores["DINO"] == pytest.approx((2 * 1.0 + 3 * expected) / 5, abs=1e-5)
     assert scores["images"] == 5
+    # Scored against the input photo: each *other* photo against it (the input photo itself is not scored).
+    against_input = SubjectCase("trio", 0, "<i>", "a thing", photos[0], (photos[0],), tuple(photos))
+    scores, per_subject = real_image_scores([against_input], backbones.clip, dino, progress=False)
+    assert scores["images"] == 2
+    assert scores["DINO"] == pytest.approx((cos[1, 0] + cos[2, 0]).item() / 2, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- COCO
@@ -198,8 +252,11 @@ def make_coco(root: Path, n: int = 5) -> tuple[Path, Path]:
 def test_coco_fid_with_a_small_feature_extractor_and_resume(tmp_path, backbones, fake, capsys):
     captions, images = make_coco(tmp_path / "coco")
     argv = ["coco", "--pipeline", "exports/a", "--captions", str(captions), "--images", str(images), "--num", "4",
-            "--fid-features", str(backbones.clip), "--size", "32", "--out", str(tmp_path / "eval"), "--quiet"]
+            "--fid-features", str(backbones.clip), "--size", "32", "--out", str(tmp_path / "eval"), "--quiet",
+            "--steps", "2"]
     assert evaluate.main(argv) == 0
+    header = (tmp_path / "eval" / "coco.md").read_text().split("| method")[0]
+    assert "Sampling: ddim, 2 steps, guidance 3; the paper's: ddim, 250 steps, guidance 3." in header
     assert len(fake.prompts) == 4 and all(p.startswith("a red dog number") for p in fake.prompts)
     (row,) = read_csv(tmp_path / "eval" / "coco.csv")
     assert row["features"] == "clip:clip" and row["images"] == "4"

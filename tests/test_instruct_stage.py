@@ -96,6 +96,39 @@ def test_subject_instructions_drop_entity_words_at_the_configured_rate():
     assert all(words[0] in instruction(sample, rng, 0.0) for _ in range(10))
 
 
+def test_entity_words_are_dropped_once_per_sample_as_in_the_official_loader():
+    """openimage_loader.py draws `drop_object` once per document: all entity words go, or none."""
+    import random
+    from PIL import Image
+    from kosmos_g.data.format import Entity, Sample, SubjectImage
+    crop = SubjectImage(Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "white"))
+    sample = Sample("subject", ["a ", Entity("dog"), crop, " and a ", Entity("hat"), crop, " on grass"],
+                    Image.new("RGB", (8, 8)))
+    rng = random.Random(0)
+    prompts = [instruction(sample, rng, 0.5) for _ in range(2000)]
+    kept = [{w for w in ("dog", "hat") if w in prompt} for prompt in prompts]
+    assert {frozenset(k) for k in kept} == {frozenset(), frozenset({"dog", "hat"})}
+    assert 850 < sum(bool(k) for k in kept) < 1150
+    prompt = instruction(sample, random.Random(1), 1.0)
+    assert [p for p in prompt if isinstance(p, str)] == ["a ", " and a ", " on grass"] and len(prompt) == 5
+
+
+def test_edit_prompts_carry_the_input_caption_dropped_at_the_configured_rate():
+    """The official edit prompt: `<s> [input caption, dropped with p 0.5] <image>src</image> instruction`."""
+    import random
+    from PIL import Image
+    from kosmos_g.data.format import InputCaption, Sample
+    source = Image.new("RGB", (8, 8), "red")
+    sample = Sample("edit", [InputCaption("a red square"), source, "make it blue"], Image.new("RGB", (8, 8)))
+    rng = random.Random(0)
+    prompts = [instruction(sample, rng, 0.5) for _ in range(2000)]
+    assert {tuple(p[:-2]) for p in prompts} == {(), ("a red square",)}
+    assert all(p[-2] is source and p[-1] == "make it blue" for p in prompts)
+    assert 850 < sum(len(p) == 3 for p in prompts) < 1150
+    assert instruction(sample, rng, 0.5, caption_drop_prob=0.0)[0] == "a red square"
+    assert instruction(sample, rng, 0.0, caption_drop_prob=1.0) == [source, "make it blue"]
+
+
 def test_three_stages_chain_and_export_a_pipeline(tiny_overrides, tmp_path):
     for stage in ("mllm", "align", "instruct"):
         main([f"stage={stage}", *tiny_overrides, "stage.sample_every_n_steps=3"])

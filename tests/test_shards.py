@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image, ImageStat
 
 from kosmos_g.data import convert
-from kosmos_g.data.format import Entity, Sample, SubjectImage
+from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
 from kosmos_g.data.shards import (BadSample, decode_sample, encode_sample, read_shards, shard_urls,
                                   write_shards)
 
@@ -138,15 +138,47 @@ def test_edits_round_trip(tmp_path, capsys):
     make_image(tmp_path, "in.png", COLORS[0], (40, 30))
     make_image(tmp_path, "out.png", COLORS[1], (40, 30))
     rows = [{"input": "in.png", "edit": "make it green", "output": "out.png"},
+            {"input": "in.png", "edit": "make it snow", "output": "out.png", "input_caption": "a red square"},
             {"input": "in.png", "edit": "", "output": "out.png"},
             {"input": "in.png", "edit": "lost", "output": "missing.png"}]
     rc, out = run_convert(capsys, "edits", "--edits", write_jsonl(tmp_path / "e.jsonl", rows),
                           "--out", str(tmp_path / "out"))
-    assert rc == 0 and "wrote 1 samples" in out.out and "empty_text=1" in out.out and "missing_image=1" in out.out
-    (sample,), _ = read_all(str(tmp_path / "out"), "edit")
-    assert sample.segments[1] == "make it green"
-    assert_image(sample.segments[0], COLORS[0], (40, 30))
-    assert_image(sample.target, COLORS[1], (40, 30))
+    assert rc == 0 and "wrote 2 samples" in out.out and "empty_text=1" in out.out and "missing_image=1" in out.out
+    plain, captioned = read_all(str(tmp_path / "out"), "edit")[0]
+    assert plain.segments[1] == "make it green"
+    assert_image(plain.segments[0], COLORS[0], (40, 30))
+    assert_image(plain.target, COLORS[1], (40, 30))
+    caption, source, instruction = captioned.segments  # the input caption is optional and comes first
+    assert (caption, instruction) == (InputCaption("a red square"), "make it snow")
+    assert_image(source, COLORS[0], (40, 30))
+    with tarfile.open(tmp_path / "out" / "edits-000000.tar") as tar:
+        doc = json.loads(tar.extractfile("000000001.json").read())
+    assert doc == {"kind": "edit", "segments": [{"input_caption": "a red square"}, {"image": "img0.jpg"},
+                                                {"text": "make it snow"}]}
+
+
+def test_edits_from_the_instructpix2pix_release_folder(tmp_path, capsys):
+    """The folder `download_data.sh clip-filtered-dataset` writes: every seed's pair is a sample, and
+    prompt.json's `input` (the caption of the source image) becomes its InputCaption."""
+    ip2p = tmp_path / "clip-filtered-dataset"
+    for name, seeds, color in (("0000007", [11, 12], 0), ("0000009", [5], 2)):
+        (ip2p / name).mkdir(parents=True)
+        (ip2p / name / "prompt.json").write_text(json.dumps(
+            {"input": f"photo {name}", "edit": f"edit {name}", "output": f"edited photo {name}"}))
+        for seed in seeds:
+            make_image(ip2p, f"{name}/{seed}_0.jpg", COLORS[color], (24, 16))
+            make_image(ip2p, f"{name}/{seed}_1.jpg", COLORS[color + 1], (24, 16))
+    (ip2p / "seeds.json").write_text(json.dumps([["0000007", [11, 12]], ["0000009", [5]], ["0000404", [1]]]))
+    rc, out = run_convert(capsys, "edits", "--edits", str(ip2p), "--out", str(tmp_path / "out"))
+    assert rc == 0 and "wrote 3 samples" in out.out and "bad_row=1" in out.out  # 0000404 has no prompt.json
+    samples, _ = read_all(str(tmp_path / "out"), "edit")
+    assert [s.key for s in samples] == ["0000007_11", "0000007_12", "0000009_5"]
+    assert [(s.segments[0], s.segments[2]) for s in samples] == [
+        (InputCaption("photo 0000007"), "edit 0000007")] * 2 + [(InputCaption("photo 0000009"), "edit 0000009")]
+    assert_image(samples[2].segments[1], COLORS[2], (24, 16))
+    assert_image(samples[2].target, COLORS[3], (24, 16))
+    rc, out = run_convert(capsys, "edits", "--edits", str(tmp_path / "out"), "--out", str(tmp_path / "o2"))
+    assert rc == 2 and "seeds.json" in out.err
 
 
 def test_subjects_round_trip(tmp_path, capsys):
@@ -223,6 +255,15 @@ def test_decode_sample_reasons():
     entity = dict(raw, json=json.dumps({"kind": "interleaved", "segments": [{"entity": "dog"}]}).encode())
     with pytest.raises(BadSample, match="bad_layout"):  # entities belong to subject samples only
         decode_sample(entity, "interleaved")
+    edit = encode_sample(Sample("edit", [InputCaption("a dog"), image, "make it a cat"], image, key="e"))
+    assert decode_sample(edit, "edit").segments[0] == InputCaption("a dog")
+    for segments in ([{"image": "img0.jpg"}, {"input_caption": "a dog"}, {"text": "x"}],  # caption after image
+                     [{"input_caption": "a"}, {"input_caption": "b"}, {"image": "img0.jpg"}, {"text": "x"}]):
+        with pytest.raises(BadSample, match="bad_layout"):
+            decode_sample(dict(edit, json=json.dumps({"kind": "edit", "segments": segments}).encode()), "edit")
+    caption_in_doc = dict(raw, json=interleaved_json({"input_caption": "a dog"}))
+    with pytest.raises(BadSample, match="bad_layout"):  # input captions belong to edit samples only
+        decode_sample(caption_in_doc, "interleaved")
     for ref in ("__key__", "img9.jpg"):  # a reference must name an image member of this sample
         dangling = dict(raw, json=interleaved_json({"image": ref}))
         with pytest.raises(BadSample, match="missing_member"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kosmos_g.data.format import Entity, Sample, SubjectImage
+from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
 from kosmos_g.tinyworld import world as tw
 from kosmos_g.tinyworld.world import (BACKGROUNDS, COLOURS, HELDOUT_COLOUR_BACKGROUND, HELDOUT_SHAPE_COLOUR,
                                       POSITIONS, SHAPES, Obj, Scene, caption, is_heldout, object_box,
@@ -28,7 +28,7 @@ def fingerprint(sample: Sample) -> list:
             return x.tobytes()
         if isinstance(x, SubjectImage):
             return (x.image.tobytes(), x.on_white.tobytes())
-        return x.text if isinstance(x, Entity) else x
+        return x.text if isinstance(x, (Entity, InputCaption)) else x
     return [sample.kind, sample.key, [one(s) for s in sample.segments],
             sample.target.tobytes() if sample.target is not None else None]
 
@@ -147,8 +147,7 @@ def test_every_generator_returns_valid_samples_of_its_kind():
     docs = " ".join(s.text for s in GENERATORS["interleaved"](8, 3))
     assert "a close-up of a " in docs and " at the " in docs
     for s in GENERATORS["edit"](8, 3):
-        assert len(s.segments) == 2
-        assert isinstance(s.segments[0], Image.Image) and isinstance(s.segments[1], str)
+        assert [type(x) for x in s.segments] == [InputCaption, Image.Image, str]
     for s in tw.subject_samples(30, 3, "train"):
         subject = [x for x in s.segments if isinstance(x, SubjectImage)]
         assert len(subject) == 1 and subject[0].on_white.size == (32, 32)
@@ -176,7 +175,8 @@ def test_subject_truth_matches_instruction_and_images(split):
 
 def test_edit_truth_changes_exactly_what_the_instruction_says():
     for e in tw.edit_examples(40, 2, "train") + tw.edit_examples(20, 2, "test"):
-        image, instruction = e.sample.segments
+        input_caption, image, instruction = e.sample.segments
+        assert input_caption == InputCaption(caption(e.source))   # InstructPix2Pix's "input" caption
         assert image.tobytes() == render(e.source).tobytes()
         assert e.sample.target.tobytes() == render(e.target).tobytes()
         before, after = e.source.objects[0], e.target.objects[0]

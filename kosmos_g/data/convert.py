@@ -4,6 +4,7 @@
         --captions coco/annotations/captions_val2014.json --one-per-image --out shards/coco
     python -m kosmos_g.data.convert interleaved --rows obelics.parquet --image-root imgs --out shards/obelics
     python -m kosmos_g.data.convert edits --edits ip2p.jsonl --out shards/ip2p
+    python -m kosmos_g.data.convert edits --edits clip-filtered-dataset/ --out shards/ip2p
     python -m kosmos_g.data.convert subjects --subjects compositions.jsonl --out shards/subjects
     python -m kosmos_g.data.convert text --docs corpus.jsonl --out shards/text
 
@@ -24,7 +25,7 @@ from typing import Iterator, Optional
 
 from PIL import Image
 
-from kosmos_g.data.format import Entity, Sample, SubjectImage
+from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
 from kosmos_g.data.shards import write_shards
 
 
@@ -145,9 +146,44 @@ def iter_interleaved(rows_path: str, image_root: str, skipped: Counter) -> Itera
             yield Sample("interleaved", segments)
 
 
+def ip2p_rows(folder: str, skipped: Counter) -> Iterator[dict]:
+    """Edit rows of InstructPix2Pix's own release (`download_data.sh clip-filtered-dataset`): `seeds.json`
+    lists [name, [seed, ...]]; `<name>/prompt.json` holds the input caption (`input`) and the instruction
+    (`edit`); `<name>/<seed>_0.jpg` / `<seed>_1.jpg` are the source and edited images. One row per seed
+    (the official loader picks one seed per read; shards keep them all)."""
+    try:
+        with open(os.path.join(folder, "seeds.json"), encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: no readable seeds.json ({e}); pass a .jsonl of edits or InstructPix2Pix's "
+                         "dataset folder (seeds.json, <name>/prompt.json, <name>/<seed>_0.jpg)") from None
+    for entry in entries if isinstance(entries, list) else []:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
+            skipped["bad_row"] += 1
+            continue
+        name, seeds = entry
+        try:
+            with open(os.path.join(folder, str(name), "prompt.json"), encoding="utf-8") as f:
+                prompt = json.load(f)
+        except (OSError, ValueError):
+            skipped["bad_row"] += len(seeds)
+            continue
+        if not isinstance(prompt, dict):
+            skipped["bad_row"] += len(seeds)
+            continue
+        for seed in seeds:
+            yield {"input": f"{name}/{seed}_0.jpg", "output": f"{name}/{seed}_1.jpg", "edit": prompt.get("edit"),
+                   "input_caption": prompt.get("input"), "key": f"{name}_{seed}"}
+
+
 def iter_edits(edits: str, image_root: str, skipped: Counter) -> Iterator[Sample]:
-    """Edit samples from InstructPix2Pix-style jsonl rows {"input": path, "edit": ..., "output": path}."""
-    for row in read_rows(edits, skipped):
+    """Edit samples from InstructPix2Pix-style jsonl rows {"input": path, "edit": ..., "output": path,
+    "input_caption": ... (optional)}, or from InstructPix2Pix's release folder (`ip2p_rows`).
+
+    The input caption, when there is one, becomes the sample's `InputCaption` (the official prompt is
+    `<s> caption <image>source</image> instruction`, the caption dropped with p 0.5 in training)."""
+    rows = ip2p_rows(edits, skipped) if os.path.isdir(edits) else read_rows(edits, skipped)
+    for row in rows:
         instruction = _text(row.get("edit"))
         if instruction is None:
             skipped["empty_text"] += 1
@@ -155,7 +191,9 @@ def iter_edits(edits: str, image_root: str, skipped: Counter) -> Iterator[Sample
         source = open_image(image_root, row.get("input"), skipped)
         target = open_image(image_root, row.get("output"), skipped) if source is not None else None
         if target is not None:
-            yield Sample("edit", [source, instruction], target=target)
+            caption = _text(row.get("input_caption"))
+            segments = ([InputCaption(caption)] if caption else []) + [source, instruction]
+            yield Sample("edit", segments, target=target, key=str(row.get("key", "")).replace(".", "_"))
 
 
 def _subject_segments(row: dict, image_root: str, skipped: Counter) -> Optional[list]:
@@ -211,7 +249,7 @@ def iter_text(docs: str, skipped: Counter, text_field: str = "text") -> Iterator
 # ---------------------------------------------------------------------------------------------
 # command line
 
-# subcommand -> (kind, help, [(flag, help, must be "file" | "dir" | None)], samples(args, skipped))
+# subcommand -> (kind, help, [(flag, help, must be "file" | "dir" | "path" | None)], samples(args, skipped))
 SUBCOMMANDS = {
     "captions": ("caption", "image folder + jsonl or COCO captions json", [
         ("--images", "folder the image paths are relative to", "dir"),
@@ -221,10 +259,13 @@ SUBCOMMANDS = {
         ("--rows", ".jsonl or .parquet rows with `texts` and `images` lists", "file"),
         ("--image-root", "folder the image paths are relative to", "dir")],
         lambda a, s: iter_interleaved(a.rows, a.image_root, s)),
-    "edits": ("edit", "InstructPix2Pix-style jsonl of {input, edit, output}", [
-        ("--edits", '.jsonl of {"input": path, "edit": ..., "output": path}', "file"),
-        ("--image-root", "folder the paths are relative to (default: the jsonl's folder)", None)],
-        lambda a, s: iter_edits(a.edits, a.image_root or os.path.dirname(a.edits), s)),
+    "edits": ("edit", "InstructPix2Pix: jsonl of {input, edit, output, input_caption} or the release folder", [
+        ("--edits", '.jsonl of {"input": path, "edit": ..., "output": path, "input_caption": ... (optional)}, '
+                    "or InstructPix2Pix's dataset folder (seeds.json, <name>/prompt.json)", "path"),
+        ("--image-root", "folder the paths are relative to (default: the jsonl's folder / the dataset folder)",
+         None)],
+        lambda a, s: iter_edits(a.edits, a.image_root or (a.edits if os.path.isdir(a.edits)
+                                                          else os.path.dirname(a.edits)), s)),
     "subjects": ("subject", "subject compositions: jsonl of shard-style segments with image paths", [
         ("--subjects", '.jsonl of {"segments": [...], "target": path}', "file"),
         ("--image-root", "folder the paths are relative to (default: the jsonl's folder)", None)],
@@ -261,9 +302,10 @@ def main(argv=None) -> int:
     kind, _, inputs, make_samples = SUBCOMMANDS[args.command]
     for flag, _, must_be in inputs:
         path = getattr(args, flag[2:].replace("-", "_"))
-        exists = {"file": os.path.isfile, "dir": os.path.isdir, None: os.path.isdir}[must_be]
+        exists = {"file": os.path.isfile, "dir": os.path.isdir, "path": os.path.exists, None: os.path.isdir}[must_be]
         if path is not None and not exists(path):
-            print(f"error: {flag} {path}: no such {'file' if must_be == 'file' else 'folder'}", file=sys.stderr)
+            what = {"file": "file", "path": "file or folder"}.get(must_be, "folder")
+            print(f"error: {flag} {path}: no such {what}", file=sys.stderr)
             return 2
     skipped = Counter()
     samples = make_samples(args, skipped)

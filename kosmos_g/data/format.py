@@ -9,7 +9,10 @@ and implemented in `kosmos_g/data/shards.py`. In memory, every sample is a `Samp
 | caption     | [str] (the caption)                                       | the image     |
 | interleaved | str and PIL images in document order                      | None          |
 | subject     | str, Entity and SubjectImage in instruction order         | the scene     |
-| edit        | [source PIL image, instruction str]                       | edited image  |
+| edit        | [InputCaption (optional), source PIL image, instruction]  | edited image  |
+
+Entity and InputCaption are text the training stage drops at random (`stages/instruct.py`), so the
+model learns to read the subject, or the source image, from the image alone.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ class Entity:
 
 
 @dataclass
+class InputCaption:
+    """The caption of an edit's source image ("a house by a lake"), shown before it. InstructPix2Pix
+    provides one per edit; the official prompt is `<s> caption <image>source</image> instruction`
+    with the caption dropped with probability 0.5 at training time."""
+
+    text: str
+
+
+@dataclass
 class SubjectImage:
     """A cropped subject, plus the same crop pasted on white (the paper trains on both)."""
 
@@ -38,7 +50,7 @@ class SubjectImage:
     on_white: Optional[Image.Image] = None
 
 
-Segment = Union[str, Image.Image, Entity, SubjectImage]
+Segment = Union[str, Image.Image, Entity, InputCaption, SubjectImage]
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Sample:
 
     @property
     def text(self) -> str:
-        """All text segments (entity words included) joined; for text and caption kinds, the text."""
-        return "".join(s.text if isinstance(s, Entity) else s for s in self.segments
-                       if isinstance(s, (str, Entity)))
+        """All text segments (entity words and input captions included) joined; for text and caption
+        kinds, the text."""
+        return "".join(s.text if isinstance(s, (Entity, InputCaption)) else s for s in self.segments
+                       if isinstance(s, (str, Entity, InputCaption)))

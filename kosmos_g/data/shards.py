@@ -10,8 +10,9 @@ splits a member name at the first dot, so `<key>.img0.jpg` reaches us as the fie
 | interleaved/subject/edit  | `<key>.json` + `<key>.img0.jpg`, `<key>.img1.jpg`, ... (+ `<key>.target.jpg`) |
 
 The JSON of the last three kinds is `{"kind": ..., "segments": [...]}` where each segment is one of
-`{"text": "..."}`, `{"image": "img0.jpg"}`, `{"entity": "red circle"}` or (subject only)
-`{"image": "img1.jpg", "on_white": "img1w.jpg"}`; image values name members of the same sample.
+`{"text": "..."}`, `{"image": "img0.jpg"}`, `{"entity": "red circle"}` (subject only),
+`{"image": "img1.jpg", "on_white": "img1w.jpg"}` (subject only) or `{"input_caption": "..."}` (edit
+only, before the source image); image values name members of the same sample.
 Images are stored as JPEG quality 95 (or PNG) and always decoded to RGB. docs/data-format.md has
 the full description with byte-level examples.
 
@@ -36,7 +37,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from kosmos_g.data.format import KINDS, Entity, Sample, SubjectImage
+from kosmos_g.data.format import KINDS, Entity, InputCaption, Sample, SubjectImage
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,21 @@ def check_sample(sample: Sample, max_chars: Optional[int] = MAX_CHARS) -> None:
     non-empty texts, and (caption/subject/edit) at most `max_chars` characters of text."""
     kind, segments = sample.kind, sample.segments
     allowed = {"text": (str,), "caption": (str,), "interleaved": (str, Image.Image),
-               "subject": (str, Entity, SubjectImage, Image.Image), "edit": (str, Image.Image)}[kind]
+               "subject": (str, Entity, SubjectImage, Image.Image),
+               "edit": (str, InputCaption, Image.Image)}[kind]
     for seg in segments:
         if not isinstance(seg, allowed):
             raise BadSample("bad_layout", f"{type(seg).__name__} segment in a {kind} sample")
-        text = seg.text if isinstance(seg, Entity) else seg
+        text = seg.text if isinstance(seg, (Entity, InputCaption)) else seg
         if isinstance(text, str) and not text.strip():
             raise BadSample("empty_text", f"sample {sample.key!r} has an empty text segment")
     if kind in ("text", "caption") and len(segments) != 1:
         raise BadSample("bad_layout", f"a {kind} sample has exactly one text segment")
-    if kind == "edit" and not (len(segments) == 2 and isinstance(segments[0], Image.Image)
-                               and isinstance(segments[1], str)):
-        raise BadSample("bad_layout", "an edit sample is [source image, instruction]")
+    if kind == "edit":
+        body = segments[1:] if segments and isinstance(segments[0], InputCaption) else segments
+        if not (len(body) == 2 and isinstance(body[0], Image.Image) and isinstance(body[1], str)):
+            raise BadSample("bad_layout", "an edit sample is [input caption (optional), source image, "
+                            "instruction]")
     if kind in ("caption", "subject", "edit") and max_chars is not None:
         if len(sample.text) > max_chars:
             raise BadSample("text_too_long", f"{len(sample.text)} > max_chars={max_chars} characters")
@@ -128,6 +132,8 @@ def encode_sample(sample: Sample, image_format: str = "jpeg", quality: int = 95,
             segments.append({"text": seg})
         elif isinstance(seg, Entity):
             segments.append({"entity": seg.text})
+        elif isinstance(seg, InputCaption):
+            segments.append({"input_caption": seg.text})
         else:
             image = seg.image if isinstance(seg, SubjectImage) else seg
             segments.append({"image": add_image(image, f"img{n_images}")})
@@ -198,6 +204,8 @@ def _json_segments(raw: dict, kind: str) -> list:
             segments.append(seg["text"])
         elif keys == {"entity"} and isinstance(seg["entity"], str):
             segments.append(Entity(seg["entity"]))
+        elif keys == {"input_caption"} and isinstance(seg["input_caption"], str):
+            segments.append(InputCaption(seg["input_caption"]))
         elif keys in ({"image"}, {"image", "on_white"}):
             image = _image(raw, seg["image"])
             if kind == "subject":

@@ -12,7 +12,9 @@ Each prompt is used in two forms (as in the original Kosmos-G evaluation code):
 
     bench = load_dreambench("../shared/dreambench")
     for subject, prompt in bench.cases():
-        ...  # generate from prompt.kosmos_prompt with subject.images[0]; score vs subject.images
+        ...  # generate from prompt.kosmos_prompt with subject.input_photo; score vs it (or subject.images)
+
+The input photo of each subject is the one the original evaluation keeps (`OFFICIAL_INPUT_PHOTOS`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = ("cat", "dog")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SUBJECT_TOKEN = "{0} {1}"  # unique token then class noun, in every DreamBooth template
+# The one photo per subject the original evaluation uses as the input image (and scores against): the
+# files kosmos-g/scripts/remove_dreambench_multiimg.sh keeps before sample_kosmosg_dreambench.py runs.
+OFFICIAL_INPUT_PHOTOS = {
+    "pink_sunglasses": "04.jpg", "can": "01.jpg", "candle": "02.jpg", "teapot": "04.jpg", "backpack": "02.jpg",
+    "dog3": "05.jpg", "cat2": "02.jpg", "dog8": "04.jpg", "grey_sloth_plushie": "04.jpg", "backpack_dog": "02.jpg",
+    "robot_toy": "00.jpg", "dog5": "00.jpg", "duck_toy": "01.jpg", "dog2": "02.jpg", "dog": "02.jpg",
+    "colorful_sneaker": "01.jpg", "red_cartoon": "00.jpg", "clock": "03.jpg", "shiny_sneaker": "01.jpg",
+    "dog6": "02.jpg", "berry_bowl": "02.jpg", "bear_plushie": "03.jpg", "poop_emoji": "00.jpg", "rc_car": "03.jpg",
+    "dog7": "01.jpg", "cat": "04.jpg", "fancy_boot": "02.jpg", "wolf_plushie": "04.jpg", "monster_toy": "04.jpg",
+    "vase": "02.jpg",
+}
 _TEMPLATE_LINE = re.compile(r"""^\s*(['"])(.*)\1\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?\s*$""")
 
 
@@ -47,6 +60,13 @@ class Subject:
     class_noun: str
     live: bool
     images: list[Path] = field(hash=False)
+
+    @property
+    def input_photo(self) -> Path:
+        """The photo given to the model as `<i>`: the original evaluation's (`OFFICIAL_INPUT_PHOTOS`) when
+        the folder has it, else the first by file name."""
+        official = OFFICIAL_INPUT_PHOTOS.get(self.name)
+        return next((p for p in self.images if p.name == official), self.images[0])
 
     def load_images(self) -> list[torch.Tensor]:
         """The subject's photos as uint8 [3, H, W] RGB tensors (sizes differ)."""

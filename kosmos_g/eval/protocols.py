@@ -4,15 +4,19 @@
          num_images_per_prompt=1, generator=torch.Generator().manual_seed(s), output_type="pil").images
 
 DreamBench (subject-driven, zero-shot): every case is one subject, one prompt ("<i> in the jungle"
-with the subject's first photo as `<i>`) and N generated images, scored by
-- DINO / CLIP-I: each generated image's mean cosine to *all* real photos of its subject,
+with the subject's input photo as `<i>`) and N generated images, scored by
+- DINO / CLIP-I: each generated image's cosine to the input photo (the original evaluation,
+  kosmos-g/sample_kosmosg_dreambench.py: `dino_score.update(images, real_image)`), or, with
+  `all_photos=True`, its mean cosine to *all* photos of its subject (DreamBooth's protocol),
 - CLIP-T: image-text cosine against the prompt with the class noun ("a backpack in the jungle"),
 all averaged over images (`kosmos_g.eval.metrics`). The "real images" upper bound
-(`real_image_scores`) is the same per-image average with a held-out real photo in place of the
-generated image: each photo's mean cosine to the *other* photos of its subject (itself excluded).
+(`real_image_scores`) scores real photos the same way in place of generated images, never a photo
+against itself: each other photo against the input photo, or each photo against the *other* photos.
 
 COCO: one image per caption, FID against the captioned real images, both resized (shorter side,
 bicubic) and centre-cropped to 256 px as the paper does.
+
+The paper's sampling settings (`PAPER_DREAMBENCH`, `PAPER_COCO`) are the command's defaults.
 
 Generation is seeded per case (`case_seed`: from --seed and the case's name, so a case gets the
 same noise whichever subset runs) and, given a folder, cached there (`ImageCache`): a rerun reuses
@@ -45,6 +49,7 @@ from kosmos_g.eval.metrics import (CLIPIScore, CLIPTScore, ClipFeatures, DINOSco
 
 ImageLike = Union[str, Path, Image.Image]
 FID_IMAGE_SIZE = 256  # the paper's COCO FID resolution
+INPUT_PHOTOS = "kosmos-g"  # DreamBench inputs: `Subject.input_photo`, the original evaluation's photos
 
 
 class EvaluationError(ValueError):
@@ -91,6 +96,12 @@ class Generation:
             raise EvaluationError(f"the pipeline returned {len(result)} {type(result[0]).__name__ if result else ''} "
                                   f"images for {prompt!r}; expected {n} PIL images (output_type='pil')")
         return [i.convert("RGB") for i in result]
+
+
+# The paper's settings, as the original scripts set them (kosmos-g/sample_kosmosg_dreambench.py: "dpms",
+# diffusers' DPMSolverMultistepScheduler, i.e. DPM-Solver++; sample_kosmosg_coco.py: "ddim").
+PAPER_DREAMBENCH = Generation(steps=100, guidance=7.5, images_per_prompt=4, scheduler="dpm++")
+PAPER_COCO = Generation(steps=250, guidance=3.0, images_per_prompt=1, scheduler="ddim")
 
 
 class ImageCache:
@@ -169,7 +180,14 @@ class SubjectCase:
     """What CLIP-T scores against: 'a backpack in the jungle'."""
     reference: ImageLike
     real_images: tuple[ImageLike, ...] = field(hash=False)
-    """What DINO and CLIP-I compare every generated image with (all photos of the subject)."""
+    """What DINO and CLIP-I compare every generated image with: the input photo (the original
+    evaluation's default) or all photos of the subject."""
+    photos: tuple[ImageLike, ...] = field(default=(), hash=False)
+    """Every photo of the subject, for the real-images row (empty: `real_images`)."""
+
+    @property
+    def all_photos(self) -> tuple[ImageLike, ...]:
+        return self.photos or self.real_images
 
     @property
     def key(self) -> str:
@@ -177,19 +195,29 @@ class SubjectCase:
 
 
 def dreambench_cases(bench: DreamBench, subjects: Optional[Sequence[str]] = None, prompts: Optional[int] = None,
-                     reference_index: int = 0) -> list[SubjectCase]:
-    """The benchmark's cases: every (or the named) subject x its first `prompts` (all 25) prompts,
-    the subject's `reference_index`-th photo (sorted by name) as the input image."""
+                     all_photos: bool = False) -> list[SubjectCase]:
+    """The benchmark's cases: every (or the named) subject x its first `prompts` (all 25) prompts, the
+    subject's `input_photo` (the original evaluation's) as the input image. Generated images are scored
+    against that photo (the original code), or against every photo of the subject with `all_photos`
+    (DreamBooth's protocol)."""
     try:
         chosen = [bench.subject(s) for s in subjects] if subjects else bench.subjects
     except KeyError as err:
         raise EvaluationError(f"--subjects: {err.args[0]}") from None
     cases = []
     for subject in chosen:
+        photos = tuple(subject.images)
+        reference = subject.input_photo
         for p in bench.prompts_for(subject)[:prompts]:
-            cases.append(SubjectCase(subject.name, p.index, p.kosmos_prompt, p.clip_t_text,
-                                     subject.images[reference_index], tuple(subject.images)))
+            cases.append(SubjectCase(subject.name, p.index, p.kosmos_prompt, p.clip_t_text, reference,
+                                     photos if all_photos else (reference,), photos))
     return cases
+
+
+def dreambench_settings(generation: Generation) -> dict[str, Any]:
+    """What `run_dreambench` records next to its images: the sampling settings and which input photos
+    (images made from other photos in the same folder are refused, not mixed in)."""
+    return {**asdict(generation), "input_photos": INPUT_PHOTOS}
 
 
 @dataclass
@@ -225,7 +253,7 @@ def run_dreambench(pipe, cases: Sequence[SubjectCase], clip: ClipLike, dino: Uni
     """
     if not cases:
         raise EvaluationError("no DreamBench cases to evaluate")
-    cache = ImageCache(image_dir, asdict(generation))
+    cache = ImageCache(image_dir, dreambench_settings(generation))
     generation.prepare(pipe)
     n = generation.images_per_prompt
     by_subject: dict[str, list[tuple[SubjectCase, list]]] = defaultdict(list)
@@ -267,29 +295,43 @@ def evaluate_dreambench(pipe, cases: Sequence[SubjectCase], clip: ClipLike, dino
     return run_dreambench(pipe, cases, clip, dino, **kwargs).scores
 
 
+def _same_image(a: ImageLike, b: ImageLike) -> bool:
+    if isinstance(a, Image.Image) or isinstance(b, Image.Image):
+        return a is b
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def real_image_scores(cases: Sequence[SubjectCase], clip: ClipLike, dino: Union[str, Path, nn.Module],
                       device: Optional[Union[str, torch.device]] = None, progress: bool = True
                       ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """The "real images" upper bound of DreamBooth's protocol: DINO and CLIP-I of each real photo
-    against the other photos of its subject (itself excluded), averaged over the photos of the
-    subjects in `cases`. Returns (scores, per-subject scores); CLIP-T has no real counterpart."""
+    """The "real images" upper bound: DINO and CLIP-I of real photos scored as generated images are,
+    never against themselves, averaged over the photos scored. Cases scored against all photos
+    (DreamBooth's protocol): each photo against the other photos of its subject. Cases scored against
+    the input photo: each other photo against it. Returns (scores, per-subject scores); CLIP-T has no
+    real counterpart."""
     device = torch.device(device or "cpu")
     clip = load_clip(clip) if not isinstance(clip, tuple) else clip
     metrics = {"DINO": DINOScore(dino).to(device), "CLIP-I": CLIPIScore(clip).to(device)}
-    photos = {c.subject: c.real_images for c in cases}
+    subjects = {c.subject: c for c in cases}
     per_subject = {}
-    for subject, paths in tqdm(photos.items(), desc="real images: score", unit="subject", disable=not progress):
-        if len(paths) < 2:
+    for subject, case in tqdm(subjects.items(), desc="real images: score", unit="subject", disable=not progress):
+        photos = list(case.all_photos)
+        refs = photos if tuple(case.real_images) == tuple(photos) else list(case.real_images)
+        # against[i, j]: photo i is scored against reference j (never itself; by position for all photos)
+        against = (torch.ones(len(photos), len(photos), dtype=torch.bool).fill_diagonal_(False) if refs is photos
+                   else torch.tensor([[not _same_image(p, r) for r in refs] for p in photos]))
+        scored = against.any(1)
+        if not scored.any():
             continue  # no other photo to compare with
-        images = [to_tensor(p) for p in paths]
+        images = [to_tensor(p) for p in photos + ([] if refs is photos else refs)]
         row = {}
         for name, metric in metrics.items():
             with torch.no_grad():
                 emb = F.normalize(metric.embed(images).double(), dim=-1)
-            cos = emb @ emb.T
-            others = (cos.sum(1) - cos.diagonal()) / (len(images) - 1)  # mean over j != i
-            row[name] = others.mean().item()
-        per_subject[subject] = {**row, "images": len(images)}
+            cos = emb[:len(photos)] @ (emb if refs is photos else emb[len(photos):]).T
+            mean = (cos * against).sum(1)[scored] / against.sum(1)[scored]  # each photo's mean over its refs
+            row[name] = mean.mean().item()
+        per_subject[subject] = {**row, "images": int(scored.sum())}
     if not per_subject:
         raise EvaluationError("the real-images row needs subjects with at least two photos")
     return _weighted_mean(per_subject, ("DINO", "CLIP-I")), per_subject

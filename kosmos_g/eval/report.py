@@ -74,9 +74,12 @@ def markdown_table(rows: Sequence[Mapping[str, str]], columns: Sequence[str],
     return "\n".join(lines)
 
 
-def write_markdown(path: PathLike, title: str, table: str, notes: Sequence[str] = ()) -> Path:
+def write_markdown(path: PathLike, title: str, table: str, notes: Sequence[str] = (),
+                   header: Sequence[str] = ()) -> Path:
+    """`# title`, the `header` lines (what the rows were computed with), the table, then the notes."""
     path = Path(path)
-    path.write_text(f"# {title}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes), encoding="utf-8")
+    intro = "".join(f"{line}\n\n" for line in header)
+    path.write_text(f"# {title}\n\n{intro}{table}\n" + "".join(f"\n{n}\n" for n in notes), encoding="utf-8")
     return path
 
 

@@ -25,7 +25,7 @@ from kosmos_g.assets import SD_IMAGE_PARTS, corpus, diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
 from kosmos_g.data.cache import FeatureCache, latents_from_moments, open_cache
 from kosmos_g.data.datamodule import KosmosGDataModule, vae_image_transform
-from kosmos_g.data.format import Entity, Sample, SubjectImage
+from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
 from kosmos_g.data.shards import BadSample
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.diffusion import FrozenDiffusion
@@ -37,18 +37,29 @@ from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, trainable
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the noise schedule
 
 
-def instruction(sample: Sample, rng: random.Random, entity_drop_prob: float) -> list:
-    """The prompt of a sample as `str | PIL.Image` segments (captions: the text; edits: source then text).
+def instruction(sample: Sample, rng: random.Random, entity_drop_prob: float,
+                caption_drop_prob: float | None = None) -> list:
+    """The prompt of a sample as `str | PIL.Image` segments (captions: the text; edits: [input caption],
+    source, instruction).
 
-    Subject samples: the entity word before a subject image is dropped with `entity_drop_prob` (the paper's
-    0.5), and the subject is shown as its crop or, when there is one, on white, with equal odds.
+    As the official data loaders do (kosmos-g/unilm/data/vl/openimage_loader.py and
+    instructpix2pix_loader.py, both driven by one `--random-drop-caption-prob 0.5`):
+    - subject samples: *one* draw per sample decides whether all entity words are dropped (probability
+      `entity_drop_prob`), so a prompt names either every subject or none; each subject image is its crop
+      or, when there is one, the crop on white, with equal odds;
+    - edit samples: the input caption is dropped with `caption_drop_prob` (default: `entity_drop_prob`).
     """
     if sample.kind == "caption":
         return [sample.text]
+    caption_drop_prob = entity_drop_prob if caption_drop_prob is None else caption_drop_prob
+    drop_entities = sample.kind == "subject" and rng.random() < entity_drop_prob
     out = []
     for seg in sample.segments:
         if isinstance(seg, Entity):
-            if rng.random() >= entity_drop_prob:
+            if not drop_entities:
+                out.append(seg.text)
+        elif isinstance(seg, InputCaption):
+            if rng.random() >= caption_drop_prob:
                 out.append(seg.text)
         elif isinstance(seg, SubjectImage):
             out.append(seg.on_white if seg.on_white is not None and rng.random() < 0.5 else seg.image)

@@ -11,6 +11,9 @@ from kosmos_g.data.shards import write_shards
 from kosmos_g.tinyworld import world
 
 DONE = "tinyworld.json"
+# Recorded in DONE: bump it when a generator's output changes, so roots written before are rewritten
+# (2: edit samples carry their source's caption as an InputCaption).
+VERSION = 2
 # Relative sample counts per kind (interleaved documents hold several images each).
 KIND_SHARE = {"text": 1.0, "caption": 1.0, "interleaved": 0.5, "subject": 1.0, "edit": 1.0}
 _GENERATORS = {
@@ -27,7 +30,7 @@ def write_world_shards(root: str | Path, seed: int = 0, samples: int = 3000, siz
     """Write `<root>/<kind>/*.tar` for every kind (train split), once: a finished root is reused as is."""
     root = Path(root)
     counts = {kind: max(1, int(samples * share)) for kind, share in KIND_SHARE.items()}
-    wanted = {"seed": seed, "counts": counts, "size": size}
+    wanted = {"version": VERSION, "seed": seed, "counts": counts, "size": size}
     done = root / DONE
     if done.is_file() and json.loads(done.read_text()) == wanted:
         return root

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kosmos_g.data.format import KINDS, Entity, Sample, SubjectImage
+from kosmos_g.data.format import KINDS, Entity, InputCaption, Sample, SubjectImage
 
 # ---- 1. Attributes ---------------------------------------------------------------------------
 
@@ -407,7 +407,8 @@ def _random_edit(rng: np.random.Generator) -> tuple[Scene, str, Scene]:
 
 
 def edit_examples(n: int, seed: int, split: str = "train", size: int = 32) -> list[Example]:
-    """Edits of one-object scenes: segments [source image, "make it blue"], target = edited image.
+    """Edits of one-object scenes: segments [InputCaption(caption of the source), source image,
+    "make it blue"], target = edited image (InstructPix2Pix's layout: every edit has an input caption).
 
     train: neither source nor target holds a held-out combination; test: the target does."""
     rng = _rng(seed, "edit", n, split)
@@ -419,8 +420,8 @@ def edit_examples(n: int, seed: int, split: str = "train", size: int = 32) -> li
     examples = []
     for i in range(n):
         source, instruction, target = _draw_until(lambda: _random_edit(rng), fits, "edits")
-        sample = Sample("edit", [render(source, size), instruction], render(target, size),
-                        key=f"tiny_edit_{split}_{seed}_{i:06d}")
+        sample = Sample("edit", [InputCaption(caption(source)), render(source, size), instruction],
+                        render(target, size), key=f"tiny_edit_{split}_{seed}_{i:06d}")
         examples.append(Example(sample, target, source))
     return examples
 
