@@ -105,9 +105,10 @@ def run(cfg: TrainConfig) -> Path | None:
     module, datamodule = _build_stage(cfg, paths, init_export)
     assets = diffusion_record(cfg.model.diffusion_path, paths.assets) if stage != "mllm" else None
     if assets and assets["random_tiny_sd"] and stage == "instruct":
-        print(f"[train] warning: model.diffusion_path is null, so the U-Net and VAE in {assets['diffusion_path']} "
-              "are RANDOM: this stage trains against noise and its images will be noise. Point "
-              "model.diffusion_path at trained ones (after `make demo`: runs/demo/teachers/sd).", file=sys.stderr)
+        print(f"[train] warning: the U-Net and VAE in {assets['diffusion_path']} are RANDOM (the tiny stand-in "
+              "built when model.diffusion_path is null): this stage trains against noise and its images will be "
+              "noise. Point model.diffusion_path at trained ones (after `make demo`: runs/demo/teachers/sd).",
+              file=sys.stderr)
     if ckpt:
         check_checkpoint_fits(ckpt, ckpt_info, stage, module)
     datamodule.check_sources()  # an empty or unreadable dataset is refused before anything is written
