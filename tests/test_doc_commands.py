@@ -151,7 +151,8 @@ def run_command(cmd: Command, monkeypatch) -> str:
 # ---------------------------------------------------------------------------------------------
 # the inputs the documented commands name, small and generated
 
-SHAPES, COLOURS = ["circle", "square", "triangle"], {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
+SHAPES = ["circle", "square", "triangle"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 
 
 def draw(shape: str, colour: str, size: int = 48, background="white") -> Image.Image:
@@ -254,7 +255,8 @@ def write_inputs(root: Path) -> None:
     draw("circle", "red", 32).save(root / "crops/1_dog_white.jpg")
     draw("circle", "red", background="green").save(root / "images/1.jpg")
     write_jsonl(root / "compositions.jsonl", [
-        {"segments": [{"text": "a "}, {"entity": "dog"}, {"image": "crops/1_dog.jpg", "on_white": "crops/1_dog_white.jpg"},
+        {"segments": [{"text": "a "}, {"entity": "dog"},
+                      {"image": "crops/1_dog.jpg", "on_white": "crops/1_dog_white.jpg"},
                       {"text": " on the grass"}], "target": "images/1.jpg"}])
     write_jsonl(root / "corpus.jsonl", [{"text": "The quick brown fox."}, {"text": "A second document."}])
     (root / "corpus.txt").write_text("The quick brown fox.\nA second document.\n")
@@ -284,7 +286,8 @@ def test_extraction_finds_the_documented_commands():
     fmt = [c.text for c in documented_commands("docs/data-format.md")]
     assert any(t.startswith("mkdir s && cp red.jpg") for t in fmt)
     assert not any(t.startswith("#") for c in map(documented_commands, DOCS) for t in (x.text for x in c))
-    assert cannot_run("python train.py stage=mllm model=paper data=shards") and not cannot_run("python train.py stage=mllm")
+    assert cannot_run("python train.py stage=mllm model=paper data=shards")
+    assert not cannot_run("python train.py stage=mllm")
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ def test_data_settings_follow_the_model_preset_unless_set(monkeypatch):
     assert (tiny.vae_image_size, tiny.num_workers, tiny.shuffle_buffer, tiny.max_text_tokens) == (32, 0, 64, 256)
     monkeypatch.setattr(config, "available_cpus", lambda: 2)
     paper = load_config(["model=paper", "data=shards"]).data
-    assert (paper.vae_image_size, paper.num_workers, paper.shuffle_buffer, paper.max_text_tokens) == (512, 1, 2000, 2048)
+    assert (paper.vae_image_size, paper.num_workers, paper.shuffle_buffer, paper.max_text_tokens) == \
+        (512, 1, 2000, 2048)
     monkeypatch.setattr(config, "available_cpus", lambda: 64)
     assert load_config(["model=paper", "data=shards"]).data.num_workers == 4
     mine = load_config(["model=tiny", "data=shards", "data.vae_image_size=64", "data.num_workers=3",
