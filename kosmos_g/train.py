@@ -95,7 +95,10 @@ def run(cfg: TrainConfig) -> Path | None:
     paths = RunPaths.create(cfg.runs_dir, cfg.run_name, stage)
     init_export = resolve_init(cfg.init_from, stage, paths, cfg.run_name)
     # The CLIP text space the earlier stages were trained against, not this run's own tiny assets.
-    cfg.model.diffusion_path = adopt_export_assets(cfg.model.diffusion_path, init_export, stage)
+    adopted = adopt_export_assets(cfg.model.diffusion_path, init_export, stage)
+    if adopted != cfg.model.diffusion_path and launch_rank() == 0:
+        print(f"[train] model.diffusion_path={adopted}: the SD folder {init_export} was trained against")
+    cfg.model.diffusion_path = adopted
     ckpt = resolve_resume(cfg.resume, paths)
     ckpt_info = read_checkpoint(ckpt) if ckpt else None  # weights_only=True: a bad or unsafe file stops here
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # tiny assets are random: make them reproducible
