@@ -7,6 +7,8 @@ and are then loaded through the same `from_pretrained` calls. Nothing is ever do
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -53,10 +55,15 @@ def mllm_tokenizer(model: ModelConfig, assets: Path, texts: Callable[[], Iterabl
     return AutoTokenizer.from_pretrained(folder)
 
 
+RANDOM_SD_RECORD = "tiny_random.json"
+"""Written into the tiny random SD folder: the image size it was built for (and that its weights are random)."""
+
+
 def diffusion_folder(model: ModelConfig, assets: Path, texts: Callable[[], Iterable[str]],
                      parts: tuple[str, ...] = SD_TEXT_PARTS, image_size: int = 32) -> Path:
     """A Stable Diffusion-layout folder holding at least `parts`: `model.diffusion_path`, or random tiny
-    parts (for `image_size`-px images) written once into `assets/sd`. `make demo` trains real tiny ones."""
+    parts (for `image_size`-px images) written once into `assets/sd`. `make demo` trains real tiny ones.
+    A tiny folder built for another size is an error, never a silent mismatch."""
     if model.diffusion_path:
         path = _require_dir(model.diffusion_path, "model.diffusion_path",
                             "a local Stable Diffusion v1.5 folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/)")
@@ -66,9 +73,22 @@ def diffusion_folder(model: ModelConfig, assets: Path, texts: Callable[[], Itera
                               "layout (text_encoder/, tokenizer/, unet/, vae/, scheduler/)")
         return path
     folder = assets / "sd"
+    built = random_sd_size(folder)
+    if built is not None and built != image_size:
+        raise ConfigError(
+            f"{folder} holds random tiny U-Net/VAE/CLIP-text built for {built}-px images, but this run trains at "
+            f"data.vae_image_size={image_size}. Set data.vae_image_size={built} (or model.vae_image_size={built}), "
+            f"use another run_name, or delete {folder} to rebuild it (exports trained against it then no longer "
+            "match it).")
     if not all((folder / p).is_dir() for p in parts):
         _write_atomically(folder, lambda tmp: _write_tiny_sd(tmp, model, texts, image_size))
     return folder
+
+
+def random_sd_size(folder: Path) -> int | None:
+    """The image size a tiny random SD folder was built for; None for any other folder."""
+    record = Path(folder) / RANDOM_SD_RECORD
+    return json.loads(record.read_text())["image_size"] if record.is_file() else None
 
 
 def _write_tiny_sd(folder: Path, model: ModelConfig, texts: Callable[[], Iterable[str]], image_size: int) -> None:
@@ -86,6 +106,26 @@ def _write_tiny_sd(folder: Path, model: ModelConfig, texts: Callable[[], Iterabl
     text_encoder.config.save_pretrained(folder / "text_encoder")
     save_file(text_encoder.state_dict(), folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     save_tiny_sd_folder(str(folder), cross_attention_dim=c.hidden_size, image_size=image_size)
+    (folder / RANDOM_SD_RECORD).write_text(json.dumps(
+        {"image_size": image_size, "weights": "random (model.diffusion_path=null): generated images are noise"}))
+
+
+def fingerprint(folder: Path, parts: tuple[str, ...] = SD_TEXT_PARTS) -> str:
+    """A short hash of `parts` of a folder (names, sizes, contents; files over 64 MB by size and their first
+    and last MB), so an export can tell whether a folder is the one it was trained against."""
+    h = hashlib.sha256()
+    for part in parts:
+        for f in sorted(p for p in (Path(folder) / part).rglob("*") if p.is_file()):
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(folder)}:{size}".encode())
+            with open(f, "rb") as fh:
+                if size <= 64 << 20:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(1 << 20))
+                    fh.seek(-(1 << 20), 2)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def corpus(data: DataConfig, limit: int = 5000) -> Iterator[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional, get_origin, get_type_hints
@@ -221,8 +222,14 @@ class ModelConfig:
     """CLIP text length including <bos>/<eos>: captions keep at most 75 tokens, as in the paper."""
     diffusion_dtype: str = "float32"
     """dtype of the frozen U-Net/VAE/CLIP-text (float32, float16, bfloat16): half precision halves their memory."""
+    vae_image_size: int = 512
+    """The resolution the U-Net/VAE work at (SD v1.5: 512; the tiny preset: 32). `data.vae_image_size` follows
+    it unless set, and the tiny random SD folder (`model.diffusion_path=null`) is built for it."""
 
     def __post_init__(self):
+        _check(self.vae_image_size > 0 and self.vae_image_size % 8 == 0,
+               f"model.vae_image_size must be a positive multiple of 8 (the VAE downsamples by 8), "
+               f"got {self.vae_image_size}")
         _check(self.clip_max_tokens == self.aligner.num_queries,
                f"model.clip_max_tokens ({self.clip_max_tokens}) must equal model.aligner.num_queries "
                f"({self.aligner.num_queries}): M must produce one vector per CLIP token")
@@ -240,40 +247,68 @@ DEFAULT_MIXTURE = {
 }
 
 
+def available_cpus() -> int:
+    """CPU cores this process may use (the affinity mask, which containers and SLURM set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+SMALL_IMAGES = 64
+"""Target images up to this size (the tiny preset) decode faster than a DataLoader worker hands them over."""
+
+
+def _per_kind() -> Dict[str, Optional[str]]:
+    # Every kind is a key from the start, so `data.shards.caption=...` sets it (Hydra's struct mode would
+    # refuse to add a key to an empty dict without `+`).
+    return {kind: None for kind in SAMPLE_KINDS}
+
+
 @dataclass
 class DataConfig:
-    """Where the training shards are (docs/data-format.md) and how they are mixed and read."""
+    """Where the training shards are (docs/data-format.md) and how they are mixed and read.
+
+    `null` sizes are derived (`derive`): image size and text length from the model preset, workers and the
+    shuffle buffer from the image size and this machine's cores. The resolved values are in `<stage>/config.yaml`.
+    """
 
     name: str = MISSING
     root: str = MISSING
     """Folder holding one subfolder of .tar shards per sample kind: <root>/caption/*.tar, <root>/edit/*.tar..."""
-    shards: Dict[str, str] = field(default_factory=dict)
-    """Per-kind override of <root>/<kind>: a folder of .tar files or a webdataset brace pattern."""
+    shards: Dict[str, Optional[str]] = field(default_factory=_per_kind)
+    """Per-kind override of <root>/<kind>: a folder of .tar files or a webdataset brace pattern, e.g.
+    `data.shards.caption=/data/coco` or `'data.shards.caption=/data/laion/{00000..09999}.tar'`."""
     mixture: Dict[str, Dict[str, float]] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MIXTURE.items()})
     """Per stage, the sampling weight of each sample kind."""
     generate_tiny_world: bool = False
     """Write the tiny world's shards into `root` first when they are missing (tiny preset)."""
     tiny_world_samples: int = 3000
     """With generate_tiny_world: samples per kind to generate."""
-    num_workers: int = 0
-    shuffle_buffer: int = 256
-    max_text_tokens: int = 128
-    """Longer documents are skipped and counted (reason `too_long`)."""
+    num_workers: Optional[int] = None
+    """DataLoader worker processes per device. null: 0 for images up to 64 px (tiny), else min(4, cores - 1)."""
+    shuffle_buffer: Optional[int] = None
+    """Raw samples shuffled per kind and reader. null: 64 for images up to 64 px (tiny), else 2000."""
+    max_text_tokens: Optional[int] = None
+    """Longer documents are skipped and counted (reason `too_long`). null: model.llm.max_positions."""
     entity_drop_prob: float = 0.5
     """Stage 3 (the official `--random-drop-caption-prob 0.5`): the probability that a subject sample's entity
     words are all dropped (one draw per sample) and that an edit sample's input caption is dropped."""
-    vae_image_size: int = 512
-    """Target images: centre crop to this size, scaled to [-1, 1], for the VAE."""
+    vae_image_size: Optional[int] = None
+    """Target images: centre crop to this size, scaled to [-1, 1], for the VAE. null: model.vae_image_size."""
     clip_text_cache: Optional[str] = None
     """stage=align: a `python -m kosmos_g.data.cache clip-text` folder for the caption shards; cached
     targets replace the CLIP text encoder's forward (samples missing from it are encoded live)."""
-    vae_latent_caches: Dict[str, str] = field(default_factory=dict)
+    vae_latent_caches: Dict[str, Optional[str]] = field(default_factory=_per_kind)
     """stage=instruct: per kind, a `python -m kosmos_g.data.cache vae-latents` folder; cached VAE moments
     replace the VAE encoder's forward for those targets."""
 
     def __post_init__(self):
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
-        _check(self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
+        for key in ("shards", "vae_latent_caches"):
+            unknown = sorted(set(getattr(self, key)) - set(SAMPLE_KINDS))
+            _check(not unknown, f"data.{key} has unknown kinds {unknown}; kinds are {', '.join(SAMPLE_KINDS)}")
+            setattr(self, key, {k: v for k, v in getattr(self, key).items() if v})  # only the kinds that are set
+        _check(self.num_workers is None or self.num_workers >= 0, "data.num_workers must be >= 0 (or null)")
+        _check(self.max_text_tokens is None or self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
+        _check(self.vae_image_size is None or (self.vae_image_size > 0 and self.vae_image_size % 8 == 0),
+               f"data.vae_image_size must be a positive multiple of 8 (or null), got {self.vae_image_size}")
         _check(0 <= self.entity_drop_prob <= 1, "data.entity_drop_prob must be in [0, 1]")
         for stage, mix in self.mixture.items():
             _check(stage in STAGES, f"data.mixture has unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -282,6 +317,21 @@ class DataConfig:
                    f"kinds are {', '.join(SAMPLE_KINDS)}")
             _check(sum(mix.values()) > 0 and all(w >= 0 for w in mix.values()),
                    f"data.mixture.{stage} weights must be >= 0 with a positive sum")
+
+    def derive(self, model: Optional["ModelConfig"] = None) -> "DataConfig":
+        """Fill every null setting from the model preset (default sizes without one) and this machine."""
+        model = model or ModelConfig(name="default")
+        if self.vae_image_size is None:
+            self.vae_image_size = model.vae_image_size
+        if self.max_text_tokens is None:
+            self.max_text_tokens = model.llm.max_positions
+        small = self.vae_image_size <= SMALL_IMAGES
+        if self.num_workers is None:
+            per_device = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            self.num_workers = 0 if small else max(0, min(4, per_device - 1))
+        if self.shuffle_buffer is None:
+            self.shuffle_buffer = 64 if small else 2000
+        return self
 
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -406,6 +456,7 @@ class TrainConfig:
     def __post_init__(self):
         _check(bool(self.run_name) and "/" not in self.run_name,
                f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        self.data.derive(self.model)  # first: the batch derivation reads data.max_text_tokens
         derive_batch(self)
 
 
@@ -507,6 +558,12 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
         if (config_dir / key).is_dir():  # a config group choice, e.g. recipe=paper/align
             continue
         free_form = [k for k in allowed if get_origin(_field_type(k)) is dict]  # e.g. data.shards.<kind>
+        parent, _, kind = key.rpartition(".")
+        if parent in ("data.shards", "data.vae_latent_caches") and kind not in SAMPLE_KINDS:
+            guess = difflib.get_close_matches(kind, SAMPLE_KINDS, n=1)
+            raise ConfigError(f"Unknown sample kind '{kind}' in override '{ov}'."
+                              f"{f' Did you mean {parent}.{guess[0]}?' if guess else ''} "
+                              f"Kinds: {', '.join(SAMPLE_KINDS)}.")
         if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
             continue
         parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -522,6 +579,19 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
         )
 
 
+def quote_braces(overrides: list[str]) -> list[str]:
+    """Quote override values that hold a brace pattern (`data.shards.caption=/d/c-{000..041}.tar`) so Hydra
+    reads them as strings: its grammar reserves `{` for dicts and `${` for interpolations."""
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if (sep and not key.startswith("-") and "{" in value and not value.startswith(("{", "[", "'", '"'))
+                and "${" not in value):
+            value = "'" + re.sub(r"(['\\])", r"\\\1", value) + "'"
+        out.append(f"{key}{sep}{value}")
+    return out
+
+
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Resolve and build the dataclasses (running every `__post_init__` check)."""
     try:
@@ -532,7 +602,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 def load_config(overrides: list[str] = (), config_dir: Path = CONFIG_DIR) -> TrainConfig:
     """Compose `configs/train.yaml` with command-line style overrides, as `train.py` does (for tests, notebooks)."""
-    overrides = list(overrides)
+    overrides = quote_braces(list(overrides))
     check_override_keys(overrides, config_dir)
     register_configs()
     with initialize_config_dir(str(config_dir), version_base="1.3"):

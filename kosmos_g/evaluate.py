@@ -138,6 +138,8 @@ def _common(parser: argparse.ArgumentParser, paper: Generation) -> None:
     parser.add_argument("--scheduler", default=paper.scheduler,
                         help=f"sampler, a KosmosGPipeline.use_scheduler name (dpm++, ddim, ...; default "
                         f"{paper.scheduler}, the paper's); 'keep': the one saved in the export")
+    parser.add_argument("--height", type=positive, default=None, help="image height (default: the U-Net's native size)")
+    parser.add_argument("--width", type=positive, default=None, help="image width (default: the U-Net's native size)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (default: the empty prompt)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; every case gets a fixed seed from it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _generation(args, images_per_prompt: int = 1) -> Generation:
     return Generation(steps=args.steps, guidance=args.guidance, images_per_prompt=images_per_prompt,
                       seed=args.seed, negative_prompt=args.negative_prompt,
-                      scheduler=None if args.scheduler == "keep" else args.scheduler)
+                      scheduler=None if args.scheduler == "keep" else args.scheduler, height=args.height,
+                      width=args.width)
 
 
 def _settings(args, gen: Generation) -> dict:

@@ -11,7 +11,8 @@
         export/               what the next stage loads; manifest.json says what it is
 
 Exports are self-contained: the align export holds the MLLM it was aligned to, so `stage=instruct`
-needs only it. A folder only becomes `export/` once completely written (write to a temp folder,
+needs only it; its manifest points to the Stable Diffusion folder (CLIP text encoder, tokenizer, U-Net, VAE)
+it was trained against, which `init_from` reuses (`adopt_export_assets`). A folder only becomes `export/` once completely written (write to a temp folder,
 then rename), so a crash never leaves a half-written export behind.
 """
 
@@ -70,10 +71,11 @@ def config_hash(resolved: dict) -> str:
 
 
 def write_export(export_dir: Path, stage: str, step: int, cfg_hash: str,
-                 parts: dict[str, Callable[[Path], None]]) -> Path:
+                 parts: dict[str, Callable[[Path], None]], assets: dict | None = None) -> Path:
     """Write each part with its writer into a temp folder, add the manifest, then swap it in.
 
     `parts` maps a subfolder name to its writer; the name "." writes into the export folder itself.
+    `assets` (manifest key "assets") points to the pretrained folders the stage trained against.
     """
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp")
@@ -82,7 +84,7 @@ def write_export(export_dir: Path, stage: str, step: int, cfg_hash: str,
     for name, write in parts.items():
         write(tmp / name)
     manifest = {"stage": stage, "step": step, "config_hash": cfg_hash, "parts": sorted(os.listdir(tmp)),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"assets": assets} if assets else {})}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     old = export_dir.with_name(export_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -149,6 +151,45 @@ def resolve_init(init_from: str, stage: str, paths: RunPaths, run_name: str) -> 
         raise ConfigError(f"init_from={init_from} is a {got!r} export, but stage={stage} needs a {needed!r} export"
                           + (" (or an 'instruct' one, to fine-tune it)" if stage == "instruct" else ""))
     return export
+
+
+def diffusion_record(diffusion_path: str | None, assets: Path) -> dict:
+    """What an align/instruct export records about the Stable Diffusion folder it trained against: the folder
+    (the run's tiny `assets/sd` when `model.diffusion_path` is null) and a fingerprint of its CLIP text parts."""
+    from kosmos_g.assets import fingerprint, random_sd_size
+
+    folder = Path(diffusion_path) if diffusion_path else Path(assets) / "sd"
+    return {"diffusion_path": str(folder.resolve()), "clip_text_fingerprint": fingerprint(folder),
+            "random_tiny_sd": random_sd_size(folder) is not None}
+
+
+def adopt_export_assets(diffusion_path: str | None, init_export: Path | None, stage: str) -> str | None:
+    """The SD folder this stage must use: the one `init_export` was trained against (its manifest's "assets").
+
+    With `model.diffusion_path` null the stage reuses that folder (not this run's own tiny assets); a set
+    `model.diffusion_path` must hold the same CLIP text encoder and tokenizer. A mismatch is an error naming both.
+    """
+    if init_export is None or stage == "mllm":
+        return diffusion_path
+    record = read_manifest(init_export).get("assets")
+    if not record:  # an export written before exports recorded their assets
+        return diffusion_path
+    from kosmos_g.assets import fingerprint
+
+    recorded = Path(record["diffusion_path"])
+    folder = Path(diffusion_path) if diffusion_path else recorded
+    if not folder.is_dir():
+        key = "model.diffusion_path" if diffusion_path else f"the SD folder {init_export} was trained against,"
+        raise ConfigError(f"{key} {folder} is missing. Set model.diffusion_path to that folder (or a copy of it: "
+                          f"CLIP text fingerprint {record['clip_text_fingerprint']}).")
+    got = fingerprint(folder)
+    if got != record["clip_text_fingerprint"]:
+        raise ConfigError(
+            f"init_from={init_export} was trained against the CLIP text encoder/tokenizer in {recorded} "
+            f"(fingerprint {record['clip_text_fingerprint']}), but this run would use {folder} (fingerprint {got}). "
+            f"Set model.diffusion_path={recorded} (or leave it null to reuse it), or train the earlier stages "
+            "against this folder.")
+    return str(folder)
 
 
 def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -17,8 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kosmos_g.config import (CONFIG_DIR, ConfigError, TrainConfig, batch_summary, load_config, register_configs,
-                             to_train_config)
+from kosmos_g.config import (CONFIG_DIR, ConfigError, TrainConfig, batch_summary, load_config, quote_braces,
+                             register_configs, to_train_config)
 
 # Nothing is ever downloaded at run time: weights come from local paths only (export HF_HUB_OFFLINE=0
 # to allow the Hub on purpose). tests/test_bad_input.py fails if a training run opens any connection.
@@ -85,8 +85,8 @@ def run(cfg: TrainConfig) -> Path | None:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from kosmos_g.run import (AtomicCheckpointIO, RunPaths, check_checkpoint_fits, config_hash, move_aside,
-                              read_checkpoint, resolve_init, write_export)
+    from kosmos_g.run import (AtomicCheckpointIO, RunPaths, adopt_export_assets, check_checkpoint_fits, config_hash,
+                              diffusion_record, move_aside, read_checkpoint, resolve_init, write_export)
     from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, launch_rank, prepare_module
     from kosmos_g.stages.common import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
 
@@ -94,6 +94,11 @@ def run(cfg: TrainConfig) -> Path | None:
     strategy = build_strategy(t)
     paths = RunPaths.create(cfg.runs_dir, cfg.run_name, stage)
     init_export = resolve_init(cfg.init_from, stage, paths, cfg.run_name)
+    # The CLIP text space the earlier stages were trained against, not this run's own tiny assets.
+    adopted = adopt_export_assets(cfg.model.diffusion_path, init_export, stage)
+    if adopted != cfg.model.diffusion_path and launch_rank() == 0:
+        print(f"[train] model.diffusion_path={adopted}: the SD folder {init_export} was trained against")
+    cfg.model.diffusion_path = adopted
     ckpt = resolve_resume(cfg.resume, paths)
     ckpt_info = read_checkpoint(ckpt) if ckpt else None  # weights_only=True: a bad or unsafe file stops here
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # tiny assets are random: make them reproducible
@@ -101,6 +106,12 @@ def run(cfg: TrainConfig) -> Path | None:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = _build_stage(cfg, paths, init_export)
+    assets = diffusion_record(cfg.model.diffusion_path, paths.assets) if stage != "mllm" else None
+    if assets and assets["random_tiny_sd"] and stage == "instruct":
+        print(f"[train] warning: the U-Net and VAE in {assets['diffusion_path']} are RANDOM (the tiny stand-in "
+              "built when model.diffusion_path is null): this stage trains against noise and its images will be "
+              "noise. Point model.diffusion_path at trained ones (after `make demo`: runs/demo/teachers/sd).",
+              file=sys.stderr)
     if ckpt:
         check_checkpoint_fits(ckpt, ckpt_info, stage, module)
     datamodule.check_sources()  # an empty or unreadable dataset is refused before anything is written
@@ -149,7 +160,7 @@ def run(cfg: TrainConfig) -> Path | None:
     with full_weights(trainer):  # FSDP: rank 0 sees whole weights while it writes the export
         if trainer.is_global_zero:
             write_export(export, stage, trainer.global_step, config_hash(OmegaConf.to_container(resolved)),
-                         module.export_parts())
+                         module.export_parts(), assets)
     if trainer.is_global_zero:
         print(f"[train] stage={stage} done at step {trainer.global_step}\n"
               f"  export:      {export}\n  checkpoints: {paths.checkpoints}\n"
@@ -222,7 +233,7 @@ def _hydra_main(argv: list[str]) -> None:
             _fail(e)
 
     saved = sys.argv
-    sys.argv = [saved[0]] + argv
+    sys.argv = [saved[0]] + quote_braces(argv)
     try:
         task()
     finally:

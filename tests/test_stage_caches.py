@@ -43,7 +43,7 @@ def test_instruct_uses_cached_vae_moments(tiny_overrides, tmp_path):
         out = tmp_path / f"vae-{kind}"
         assert cache_main(["vae-latents", "--shards", str(run / "data" / kind), "--kind", kind, "--sd",
                            str(run / "assets" / "sd"), "--size", "32", "--out", str(out), "--dtype", "float32"]) == 0
-        caches.append(f"+data.vae_latent_caches.{kind}={out}")
+        caches.append(f"data.vae_latent_caches.{kind}={out}")
     cfg = load_config(["stage=instruct", *tiny_overrides, *caches])
     paths = RunPaths.create(cfg.runs_dir, cfg.run_name, "instruct")
     module, data = instruct.build(cfg, paths.assets, run / "align" / "export")

@@ -10,7 +10,9 @@
 
 Every subcommand streams its input through an `iter_*` generator into `write_shards`, and prints
 how many samples were written and how many were skipped, by reason. A bad row (missing or
-undecodable image, empty text, ...) is skipped and counted, never fatal.
+undecodable image, empty text, ...) is skipped and counted, never fatal; writing no sample at all is
+(exit code 1, naming image paths it looked for). Image paths are relative to `--image-root` (`--images`
+for captions), by default the input file's folder.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class InputError(Exception):
     """An input the converter cannot start on (wrong format); reported in one line, exit code 2."""
 
 
+class Skipped(Counter):
+    """Skip counts by reason, plus the first image paths that were not found (for the error message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.missing: list[str] = []
+
+
 def open_image(root: str, rel, skipped: Counter) -> Optional[Image.Image]:
     """`root/rel` as an RGB image, or None after counting "bad_row", "missing_image" or "bad_image"."""
     if not isinstance(rel, str) or not rel:
@@ -41,6 +51,8 @@ def open_image(root: str, rel, skipped: Counter) -> Optional[Image.Image]:
     path = os.path.join(root, rel)
     if not os.path.isfile(path):
         skipped["missing_image"] += 1
+        if isinstance(skipped, Skipped) and len(skipped.missing) < 3:
+            skipped.missing.append(path)
         return None
     try:
         with Image.open(path) as image:
@@ -252,12 +264,13 @@ def iter_text(docs: str, skipped: Counter, text_field: str = "text") -> Iterator
 # subcommand -> (kind, help, [(flag, help, must be "file" | "dir" | "path" | None)], samples(args, skipped))
 SUBCOMMANDS = {
     "captions": ("caption", "image folder + jsonl or COCO captions json", [
-        ("--images", "folder the image paths are relative to", "dir"),
+        ("--images", "folder the image paths are relative to (alias --image-root; default: the captions "
+                     "file's folder)", None),
         ("--captions", '.jsonl of {"image": rel_path, "caption": ...} or a COCO captions .json', "file")],
         lambda a, s: iter_captions(a.captions, a.images, s, a.one_per_image)),
     "interleaved": ("interleaved", "OBELICS/MMC4-style rows with parallel texts/images lists", [
         ("--rows", ".jsonl or .parquet rows with `texts` and `images` lists", "file"),
-        ("--image-root", "folder the image paths are relative to", "dir")],
+        ("--image-root", "folder the image paths are relative to (default: the rows file's folder)", None)],
         lambda a, s: iter_interleaved(a.rows, a.image_root, s)),
     "edits": ("edit", "InstructPix2Pix: jsonl of {input, edit, output, input_caption} or the release folder", [
         ("--edits", '.jsonl of {"input": path, "edit": ..., "output": path, "input_caption": ... (optional)}, '
@@ -282,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, help_text, inputs, _) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=f"{help_text} -> {kind} shards")
         for flag, flag_help, must_be in inputs:
-            sub.add_argument(flag, required=must_be is not None, help=flag_help)
+            aliases = ["--image-root"] if flag == "--images" else []
+            sub.add_argument(flag, *aliases, required=must_be is not None, help=flag_help)
         sub.add_argument("--out", required=True, help="output folder for the .tar shards")
         sub.add_argument("--prefix", default=name, help="shard name prefix: <out>/<prefix>-000000.tar")
         sub.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -300,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     kind, _, inputs, make_samples = SUBCOMMANDS[args.command]
+    # Image paths are relative to --image-root (--images), by default the input file's folder, for every subcommand.
+    source = next(getattr(args, f[2:].replace("-", "_")) for f, _, must_be in inputs if must_be == "file")
+    for flag in ("images", "image_root"):
+        if hasattr(args, flag) and getattr(args, flag) is None:
+            setattr(args, flag, os.path.dirname(source) or ".")
     for flag, _, must_be in inputs:
         path = getattr(args, flag[2:].replace("-", "_"))
         exists = {"file": os.path.isfile, "dir": os.path.isdir, "path": os.path.exists, None: os.path.isdir}[must_be]
@@ -307,7 +326,7 @@ def main(argv=None) -> int:
             what = {"file": "file", "path": "file or folder"}.get(must_be, "folder")
             print(f"error: {flag} {path}: no such {what}", file=sys.stderr)
             return 2
-    skipped = Counter()
+    skipped = Skipped()
     samples = make_samples(args, skipped)
     try:  # the generators check their input's format on the first step: fail before writing anything
         first = next(samples, None)
@@ -321,6 +340,15 @@ def main(argv=None) -> int:
     print(f"{args.command}: {summary}")
     if summary.shards:
         print(f"  {summary.shards[0]} .. {os.path.basename(summary.shards[-1])}")
+    root = getattr(args, "images", None) or getattr(args, "image_root", None)
+    looked = f"; images not found, e.g. {', '.join(skipped.missing)} (paths are relative to --image-root {root})" \
+        if skipped.missing else ""
+    if summary.written == 0:
+        print(f"error: {args.command} wrote 0 samples{looked}. Check the input rows "
+              "(docs/data-format.md) and --image-root.", file=sys.stderr)
+        return 1
+    if looked:
+        print(f"  note{looked}")
     return 0
 
 

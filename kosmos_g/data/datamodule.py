@@ -240,7 +240,7 @@ class KosmosGDataModule(L.LightningDataModule):
         super().__init__()
         if stage not in cfg.mixture:
             raise ConfigError(f"data.mixture has no entry for stage {stage!r}; it has {sorted(cfg.mixture)}")
-        self.cfg, self.stage, self.batch_size, self.seed = cfg, stage, batch_size, seed
+        self.cfg, self.stage, self.batch_size, self.seed = cfg.derive(), stage, batch_size, seed  # null: derived
         self.featurize, self.collate = featurize, collate
         self.pack_length, self.length = pack_length, length  # rows of whole samples (stage.pack_length)
         self.start_step = 0  # set by the trainer script on resume

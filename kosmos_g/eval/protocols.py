@@ -78,6 +78,10 @@ class Generation:
     negative_prompt: Optional[str] = None
     scheduler: Optional[str] = None
     """A `KosmosGPipeline.use_scheduler` name ("dpm++", "ddim", ...); None keeps the pipeline's own."""
+    height: Optional[int] = None
+    """Image height in pixels; None: the U-Net's native size."""
+    width: Optional[int] = None
+    """Image width in pixels; None: the U-Net's native size."""
 
     def prepare(self, pipe) -> None:
         """Switch the sampler (pipelines with `use_scheduler`) and silence the per-call progress bar."""
@@ -88,8 +92,9 @@ class Generation:
 
     def __call__(self, pipe, prompt: str, images: Sequence[Image.Image], key: str, n: Optional[int] = None):
         n = n or self.images_per_prompt
+        size = {k: v for k, v in (("height", self.height), ("width", self.width)) if v is not None}
         out = pipe(prompt, images=list(images), negative_prompt=self.negative_prompt,
-                   num_inference_steps=self.steps, guidance_scale=self.guidance, num_images_per_prompt=n,
+                   num_inference_steps=self.steps, guidance_scale=self.guidance, num_images_per_prompt=n, **size,
                    generator=torch.Generator().manual_seed(case_seed(self.seed, key)), output_type="pil")
         result = list(getattr(out, "images", out))
         if len(result) != n or not all(isinstance(i, Image.Image) for i in result):
@@ -128,9 +133,10 @@ class ImageCache:
         if not file.is_file():
             return False
         old = json.loads(file.read_text())
-        if old != settings:
-            changed = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
-                                for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+        # A setting absent from an older folder counts as None (its default), e.g. height/width.
+        changed = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+                            for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+        if changed:
             raise EvaluationError(f"{folder} holds images made with other settings ({changed}); "
                                   "pass another --name or --out, or delete that folder to regenerate")
         return True
