@@ -27,6 +27,12 @@ from benchmarks import common
 GOAL = 1.03
 
 
+def train_step(module, opt, batch) -> None:
+    module.training_step(batch, 0).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def instruct_variants(workdir: Path, reps: int):
     from kosmos_g.stages import instruct
 
@@ -47,10 +53,7 @@ def instruct_variants(workdir: Path, reps: int):
     def step(batch, skip: bool):
         instruct.condition = condition if skip else real
         try:
-            loss = module.training_step(batch, 0)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(module, opt, batch)
         finally:
             instruct.condition = real
     return batches, step
@@ -69,10 +72,7 @@ def mllm_variants(workdir: Path, reps: int):
             n, d = mllm.config.num_image_tokens, mllm.config.hidden_size
             mllm.image_features = lambda px: torch.zeros(px.shape[0], n, d)
         try:
-            loss = module.training_step(batch, 0)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(module, opt, batch)
         finally:
             mllm.image_features = real
     return batches, step
