@@ -97,6 +97,8 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Generate and write the images; returns the written paths (the grid last)."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
     images = load_images(args.image)
     KosmosGProcessor.split_prompt(args.prompt, images)  # fail on a <i>/image mismatch before loading models
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

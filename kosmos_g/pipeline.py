@@ -15,8 +15,8 @@ condition stage 3 trains with (`condition` of `processor.null_prompt()`); a nega
 tokens, as in the original.
 
 Scheduler: the pipeline samples with the scheduler it holds, as every diffusers pipeline does (the stage-3
-export saves the training DDPM config). The paper's DPM-Solver++ is one call away, `pipe.use_scheduler("dpm++")`,
-and is the default of the CLI (`python -m kosmos_g.generate`). It is not forced at construction because
+export saves DPM-Solver++, the paper's sampler; any other is one call away, `pipe.use_scheduler("ddim")`).
+DPM-Solver++ is also the default of the CLI (`python -m kosmos_g.generate`). It is not forced at construction because
 `from_pretrained` also constructs: a saved or passed-in scheduler would be silently replaced.
 
 Folder layout (`save_pretrained`): `model_index.json`, `mllm/`, `processor/`, `aligner/`, `unet/`, `vae/`,

@@ -112,3 +112,9 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: pipeline folder") and "save_pretrained" in proc.stderr
+
+
+def test_out_that_is_a_file_is_one_line(export, tmp_path, capsys):
+    (tmp_path / "taken.png").write_bytes(b"x")
+    assert main(args(export, tmp_path / "taken.png")) == 2
+    assert "--out" in error_line(capsys) and (tmp_path / "taken.png").read_bytes() == b"x"

@@ -100,7 +100,7 @@ class FrozenDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the frozen weights (float32 or float16)."""
+        """Dtype of the frozen weights (float32, float16 or bfloat16)."""
         return self.unet.dtype
 
     @property
