@@ -30,7 +30,8 @@ import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "data/README.md", "docs/data-format.md", "docs/evaluation.md", "docs/scaling.md"]
+DOCS = ["README.md", "data/README.md", "docs/data-format.md", "docs/evaluation.md", "docs/scaling.md",
+        "docs/official-checkpoints.md"]  # docs/tokenizer.md shows no command
 OWN_DATA = "Train on your own data"  # README section run by test_own_data_route (with more checks)
 
 # Appended to runnable commands (last value wins): tiny sizes for a test.
@@ -54,6 +55,11 @@ CANNOT_RUN = [
     (r"kosmos_g\.evaluate coco .*(--inception|<)", "needs COCO and the FID Inception weights"),
     (r"--pipeline runs/\S*paper", "the paper preset's export (needs its weights)"),
     (r"\bscontrol\b", "SLURM: checked with `bash -n`"),
+    (r"kosmos_g\.convert official", "needs the authors' released checkpoints (no download here); "
+                                     "tests/test_official.py converts fake ones in their format"),
+    (r"--pipeline kosmos-g-", "a converted release (needs the released checkpoints)"),
+    (r"kosmos_g\.app\b", "a web server that runs until stopped: tests/test_app.py starts the README's app "
+                          "commands as written and drives them"),
 ]
 
 
@@ -107,7 +113,8 @@ def cannot_run(cmd: str) -> str | None:
 
 def run_command(cmd: Command, monkeypatch) -> str:
     """Run (or check, for CANNOT_RUN) one command in the current directory; returns what was done."""
-    from kosmos_g import evaluate, generate, train
+    from kosmos_g import app, evaluate, generate, train
+    from kosmos_g import convert as convert_official
     from kosmos_g.data import cache, convert
 
     argv = shlex.split(cmd.text, comments=True)
@@ -137,7 +144,9 @@ def run_command(cmd: Command, monkeypatch) -> str:
         mains = {"kosmos_g.data.convert": (convert.main, convert.build_parser().parse_args, []),
                  "kosmos_g.data.cache": (cache.main, cache.build_parser().parse_args, []),
                  "kosmos_g.generate": (generate.main, generate.parse_args, SMALL["generate"]),
-                 "kosmos_g.evaluate": (evaluate.main, evaluate.build_parser().parse_args, SMALL["evaluate"])}
+                 "kosmos_g.evaluate": (evaluate.main, evaluate.build_parser().parse_args, SMALL["evaluate"]),
+                 "kosmos_g.convert": (convert_official.main, convert_official.build_parser().parse_args, []),
+                 "kosmos_g.app": (app.main, app.parse_args, [])}
         assert module in mains, f"{cmd}: no rule to run python -m {module}; add one to run_command"
         main, parse, small = mains[module]
         if reason:
@@ -250,6 +259,12 @@ def write_inputs(root: Path) -> None:
     draw("square", "blue").save(root / "ip2p/0000001/output.jpg")
     write_jsonl(root / "ip2p/edits.jsonl", [{"input": "0000001/input.jpg", "edit": "make it winter",
                                              "output": "0000001/output.jpg"}])
+    release = root / "clip-filtered-dataset"  # InstructPix2Pix's own release layout
+    (release / "0000001").mkdir(parents=True)
+    (release / "seeds.json").write_text(json.dumps([["0000001", [7]]]))
+    (release / "0000001/prompt.json").write_text(json.dumps({"input": "a red square", "edit": "make it blue"}))
+    draw("square", "red").save(release / "0000001/7_0.jpg")
+    draw("square", "blue").save(release / "0000001/7_1.jpg")
     (root / "crops").mkdir()
     draw("circle", "red", 32, "gray").save(root / "crops/1_dog.jpg")
     draw("circle", "red", 32).save(root / "crops/1_dog_white.jpg")

@@ -277,12 +277,11 @@ SUBCOMMANDS = {
                     "or InstructPix2Pix's dataset folder (seeds.json, <name>/prompt.json)", "path"),
         ("--image-root", "folder the paths are relative to (default: the jsonl's folder / the dataset folder)",
          None)],
-        lambda a, s: iter_edits(a.edits, a.image_root or (a.edits if os.path.isdir(a.edits)
-                                                          else os.path.dirname(a.edits)), s)),
+        lambda a, s: iter_edits(a.edits, a.image_root, s)),
     "subjects": ("subject", "subject compositions: jsonl of shard-style segments with image paths", [
         ("--subjects", '.jsonl of {"segments": [...], "target": path}', "file"),
         ("--image-root", "folder the paths are relative to (default: the jsonl's folder)", None)],
-        lambda a, s: iter_subjects(a.subjects, a.image_root or os.path.dirname(a.subjects), s)),
+        lambda a, s: iter_subjects(a.subjects, a.image_root, s)),
     "text": ("text", "text documents from .txt (one a line) or .jsonl", [
         ("--docs", ".txt (one document a line) or .jsonl file", "file")],
         lambda a, s: iter_text(a.docs, s, a.text_field)),
@@ -315,10 +314,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     kind, _, inputs, make_samples = SUBCOMMANDS[args.command]
     # Image paths are relative to --image-root (--images), by default the input file's folder, for every subcommand.
-    source = next(getattr(args, f[2:].replace("-", "_")) for f, _, must_be in inputs if must_be == "file")
+    source = next(getattr(args, f[2:].replace("-", "_")) for f, _, must_be in inputs if must_be in ("file", "path"))
     for flag in ("images", "image_root"):
-        if hasattr(args, flag) and getattr(args, flag) is None:
-            setattr(args, flag, os.path.dirname(source) or ".")
+        if hasattr(args, flag) and getattr(args, flag) is None:  # a dataset folder is its own image root
+            setattr(args, flag, source if os.path.isdir(source) else os.path.dirname(source) or ".")
     for flag, _, must_be in inputs:
         path = getattr(args, flag[2:].replace("-", "_"))
         exists = {"file": os.path.isfile, "dir": os.path.isdir, "path": os.path.exists, None: os.path.isdir}[must_be]
