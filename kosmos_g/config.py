@@ -7,12 +7,10 @@ Hydra merges `configs/train.yaml` and the chosen group files (`stage/`, `model/`
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from pathlib import Path
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional, get_origin, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -457,139 +455,14 @@ class TrainConfig:
         _check(bool(self.run_name) and "/" not in self.run_name,
                f"run_name must be a non-empty name without '/', got {self.run_name!r}")
         self.data.derive(self.model)  # first: the batch derivation reads data.max_text_tokens
+        from kosmos_g.batching import derive_batch  # its own module: keeps this one to the schema
+
         derive_batch(self)
-
-
-def world_size(t: TrainerConfig) -> int:
-    """Processes of the launch: trainer.devices x trainer.num_nodes; `auto` reads the launcher's WORLD_SIZE,
-    else counts this node's GPUs (1 on a CPU)."""
-    if isinstance(t.devices, (list, tuple)) or (isinstance(t.devices, str) and "," in t.devices):
-        per_node = len(t.devices if isinstance(t.devices, (list, tuple)) else t.devices.strip(",").split(","))
-    elif str(t.devices) in ("auto", "-1"):
-        if "WORLD_SIZE" in os.environ:
-            return int(os.environ["WORLD_SIZE"])
-        import torch
-
-        per_node = (torch.cuda.device_count() if t.accelerator in ("gpu", "cuda", "auto") else 0) or 1
-    else:
-        per_node = int(t.devices)
-    return per_node * t.num_nodes
-
-
-def derive_batch(cfg: TrainConfig) -> None:
-    """From `stage.global_batch_size`: this device's micro-batch and the gradient accumulation (in place).
-
-    The per-device share (global / world size) must be whole; it is split into the fewest micro-batches of
-    at most `stage.batch_size`. Stage mllm counts tokens: rows of `stage.pack_length` (else
-    `data.max_text_tokens`) tokens each.
-    """
-    s, world = cfg.stage, world_size(cfg.trainer)
-    rows, unit = s.global_batch_size, "samples"
-    _check(s.pack_length is None or (s.name == "mllm" and s.pack_length >= cfg.data.max_text_tokens),
-           f"stage.pack_length={s.pack_length} packs stage-1 documents: it needs stage=mllm and at least "
-           f"data.max_text_tokens ({cfg.data.max_text_tokens}) tokens, the longest document kept")
-    if s.global_batch_size is None:
-        s.accumulate_grad_batches = 1
-        return
-    if s.name == "mllm":
-        row = s.pack_length or cfg.data.max_text_tokens
-        _check(s.global_batch_size % row == 0,
-               f"stage.global_batch_size={s.global_batch_size} tokens is not a whole number of "
-               f"{row}-token rows (stage.pack_length, else data.max_text_tokens); use a multiple of {row}")
-        rows, unit = s.global_batch_size // row, f"rows of {row} tokens"
-    if rows % world:
-        per_row = (s.pack_length or cfg.data.max_text_tokens) if s.name == "mllm" else 1
-        near = sorted({max(1, rows // world) * world, (rows // world + 1) * world})
-        raise ConfigError(
-            f"stage.global_batch_size={s.global_batch_size} ({rows} {unit}) does not split evenly over {world} "
-            f"devices (trainer.devices x trainer.num_nodes); set stage.global_batch_size to "
-            f"{' or '.join(str(n * per_row) for n in near)}, or use another device count")
-    share = rows // world
-    accumulate = -(-share // s.batch_size)
-    while share % accumulate:
-        accumulate += 1
-    s.batch_size, s.accumulate_grad_batches = share // accumulate, accumulate
-
-
-def batch_summary(cfg: TrainConfig) -> str:
-    """One line for start-up: how the global batch is made on this launch."""
-    s, world = cfg.stage, world_size(cfg.trainer)
-    per_step = s.batch_size * s.accumulate_grad_batches * world
-    unit = (f" rows x {s.pack_length or cfg.data.max_text_tokens} tokens" if s.name == "mllm" and s.global_batch_size
-            else "")
-    return (f"batch: global {per_step}{unit} per step = {world} device(s) x micro-batch {s.batch_size} x "
-            f"accumulation {s.accumulate_grad_batches}")
 
 
 def register_configs() -> None:
     """Register the schema so `configs/train.yaml` can name it first in its defaults list."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-def schema_keys(node: Any = TrainConfig, prefix: str = "") -> list[str]:
-    """All dotted keys the schema accepts (used to name the allowed keys in errors)."""
-    keys = []
-    hints = get_type_hints(node)
-    for f in fields(node):
-        key = f"{prefix}{f.name}"
-        keys.append(key)
-        if is_dataclass(hints[f.name]):
-            keys += schema_keys(hints[f.name], key + ".")
-    return keys
-
-
-def _field_type(dotted: str) -> Any:
-    node = TrainConfig
-    for name in dotted.split("."):
-        node = get_type_hints(node)[name]
-    return node
-
-
-def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
-    """Fail early, with the allowed keys and a guess, on an override naming no schema key.
-
-    Hydra also rejects such keys, but names neither the keys it would accept nor the likely typo.
-    """
-    allowed = schema_keys()
-    for ov in overrides:
-        if "=" not in ov or ov.startswith(("hydra", "+hydra", "~", "--")):
-            continue
-        key = ov.split("=", 1)[0].lstrip("+")
-        if (config_dir / key).is_dir():  # a config group choice, e.g. recipe=paper/align
-            continue
-        free_form = [k for k in allowed if get_origin(_field_type(k)) is dict]  # e.g. data.shards.<kind>
-        parent, _, kind = key.rpartition(".")
-        if parent in ("data.shards", "data.vae_latent_caches") and kind not in SAMPLE_KINDS:
-            guess = difflib.get_close_matches(kind, SAMPLE_KINDS, n=1)
-            raise ConfigError(f"Unknown sample kind '{kind}' in override '{ov}'."
-                              f"{f' Did you mean {parent}.{guess[0]}?' if guess else ''} "
-                              f"Kinds: {', '.join(SAMPLE_KINDS)}.")
-        if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
-            continue
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        if parent not in allowed:  # the whole prefix is unknown: list the top-level keys
-            parent = ""
-        siblings = sorted(k for k in allowed if k.rsplit(".", 1)[0] == parent or (not parent and "." not in k))
-        guess = difflib.get_close_matches(key, allowed, n=1)
-        hint = f" Did you mean '{guess[0]}'?" if guess else ""
-        raise ConfigError(
-            f"Unknown config key '{key}' in override '{ov}'.{hint} "
-            f"Allowed keys{' under ' + repr(parent) if parent else ''}: {', '.join(siblings)}. "
-            "See `python train.py --cfg job` for the full config."
-        )
-
-
-def quote_braces(overrides: list[str]) -> list[str]:
-    """Quote override values that hold a brace pattern (`data.shards.caption=/d/c-{000..041}.tar`) so Hydra
-    reads them as strings: its grammar reserves `{` for dicts and `${` for interpolations."""
-    out = []
-    for ov in overrides:
-        key, sep, value = ov.partition("=")
-        if (sep and not key.startswith("-") and "{" in value and not value.startswith(("{", "[", "'", '"'))
-                and "${" not in value):
-            value = "'" + re.sub(r"(['\\])", r"\\\1", value) + "'"
-        out.append(f"{key}{sep}{value}")
-    return out
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -602,6 +475,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 def load_config(overrides: list[str] = (), config_dir: Path = CONFIG_DIR) -> TrainConfig:
     """Compose `configs/train.yaml` with command-line style overrides, as `train.py` does (for tests, notebooks)."""
+    from kosmos_g.overrides import check_override_keys, quote_braces
+
     overrides = quote_braces(list(overrides))
     check_override_keys(overrides, config_dir)
     register_configs()

@@ -17,8 +17,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kosmos_g.config import (CONFIG_DIR, ConfigError, TrainConfig, batch_summary, load_config, quote_braces,
-                             register_configs, to_train_config)
+from kosmos_g.batching import batch_summary
+from kosmos_g.config import CONFIG_DIR, ConfigError, TrainConfig, load_config, register_configs, to_train_config
+from kosmos_g.overrides import quote_braces
 
 # Nothing is ever downloaded at run time: weights come from local paths only (export HF_HUB_OFFLINE=0
 # to allow the Hub on purpose). tests/test_bad_input.py fails if a training run opens any connection.

@@ -113,7 +113,6 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(tmp_path, monkeypat
     # training is not reproducible across processes) and SD stand-ins as the single run
     for name in DISTRIBUTED:
         shutil.copytree(tmp_path / "single" / "assets", tmp_path / name / "assets")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     torchrun(tmp_path, "compare")
 
     for name in DISTRIBUTED:

@@ -32,7 +32,7 @@ from kosmos_g.models.diffusion import FrozenDiffusion
 from kosmos_g.pipeline import KosmosGPipeline, condition
 from kosmos_g.processor import KosmosGProcessor, PromptError
 from kosmos_g.scale import sharded_call
-from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, trainable_state_dict
+from kosmos_g.stages.common import configure_adamw, load_mllm, trainable_state_dict
 
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the noise schedule
 
