@@ -52,7 +52,10 @@ def instruction(sample: Sample, rng: random.Random, entity_drop_prob: float,
     if sample.kind == "caption":
         return [sample.text]
     caption_drop_prob = entity_drop_prob if caption_drop_prob is None else caption_drop_prob
-    drop_entities = sample.kind == "subject" and rng.random() < entity_drop_prob
+    # Drawn only when there are entity words: the same random stream as one draw per word for samples
+    # with one entity (the tiny world's), so their prompts are as before.
+    has_entities = any(isinstance(seg, Entity) for seg in sample.segments)
+    drop_entities = has_entities and rng.random() < entity_drop_prob
     out = []
     for seg in sample.segments:
         if isinstance(seg, Entity):
