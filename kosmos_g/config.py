@@ -317,8 +317,14 @@ class DataConfig:
                    f"data.mixture.{stage} weights must be >= 0 with a positive sum")
 
     def derive(self, model: Optional["ModelConfig"] = None) -> "DataConfig":
-        """Fill every null setting from the model preset (default sizes without one) and this machine."""
-        model = model or ModelConfig(name="default")
+        """Fill every null setting from the model preset and this machine. Without a model (a DataConfig built
+        on its own, e.g. in tests): 512 px, 128 tokens, no worker processes, a 256-sample buffer."""
+        if model is None:
+            for key, value in (("vae_image_size", 512), ("max_text_tokens", 128), ("num_workers", 0),
+                               ("shuffle_buffer", 256)):
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+            return self
         if self.vae_image_size is None:
             self.vae_image_size = model.vae_image_size
         if self.max_text_tokens is None:
