@@ -90,7 +90,7 @@ def save_app_examples(root: Path, n: int = 4) -> Path:
         text = " ".join(seg.strip() if isinstance(seg, str) else "<i>" for seg in segments)
         generate.append({"prompt": text, "images": names})
     for i, example in enumerate(edit_examples(2, seed=1, split="test")):
-        source, text = example.sample.segments
+        *_, source, text = example.sample.segments  # [input caption,] source image, instruction
         source.save(folder / f"edit_{i}.png")
         edit.append({"image": f"app_examples/edit_{i}.png", "instruction": text})
     path = root / "app_examples.json"  # kosmos_g.app.EXAMPLES_FILE
