@@ -12,8 +12,8 @@
 
 Exports are self-contained: the align export holds the MLLM it was aligned to, so `stage=instruct`
 needs only it; its manifest points to the Stable Diffusion folder (CLIP text encoder, tokenizer, U-Net, VAE)
-it was trained against, which `init_from` reuses (`adopt_export_assets`). A folder only becomes `export/` once completely written (write to a temp folder,
-then rename), so a crash never leaves a half-written export behind.
+it was trained against, which `init_from` reuses (`adopt_export_assets`). A folder only becomes `export/`
+once completely written (write to a temp folder, then rename), so a crash never leaves a half-written export.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
 # diffusers' pipeline loader looks the base class up by name in this module (model_index.json names the module).
 from transformers import PreTrainedModel  # noqa: F401
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextSinusoidalPositionalEmbedding, Kosmos2TextTransformer
+from transformers.models.kosmos2.modeling_kosmos2 import (Kosmos2TextSinusoidalPositionalEmbedding,
+                                                         Kosmos2TextTransformer)
 
 from kosmos_g.models.tokenizers import IMAGE_START, check_special_layout
 from kosmos_g.models.vision import load_vision_weights

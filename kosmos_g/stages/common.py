@@ -177,7 +177,8 @@ class StepSeed(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         micro = batch_idx % self.accumulate
-        s = step_seed(self.seed, trainer.global_rank, trainer.global_step if not micro else f"{trainer.global_step}.{micro}")
+        step = trainer.global_step if not micro else f"{trainer.global_step}.{micro}"  # micro 0: as without it
+        s = step_seed(self.seed, trainer.global_rank, step)
         torch.manual_seed(s)  # all devices
         random.seed(s)
         np.random.seed(s % 2**32)

@@ -77,8 +77,8 @@ def with_row(batch: dict, extra: dict, pad_id: int) -> dict:
     length = max(batch["input_ids"].shape[1], extra["input_ids"].shape[1])
     out = dict(batch)
     for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("image_mask", 0)):
-        rows = [t.to(batch[key].device) for t in (batch[key], extra[key])]
-        out[key] = torch.cat([F.pad(t.long(), (0, length - t.shape[1]), value=value) for t in rows]).to(batch[key].dtype)
+        rows = [t.to(batch[key].device).long() for t in (batch[key], extra[key])]  # F.pad does not take bool
+        out[key] = torch.cat([F.pad(t, (0, length - t.shape[1]), value=value) for t in rows]).to(batch[key].dtype)
     return out
 
 
