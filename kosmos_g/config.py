@@ -153,9 +153,14 @@ class AlignerConfig:
     """Rows of the learned position tables and of N's query table (the original code uses 32768). Positions
     are counted from row 2 (fairseq's convention), so M and N take at most max_source_positions - 2 states."""
     dropout: float = 0.0
+    query_init_std: float = 1.0
+    """Initial scale of the learned queries (the original: `torch.randn`, 1.0). The queries start M's and N's
+    residual streams; with few layers a std-1 query outweighs what the layers add, so M's output starts, and
+    stays for hundreds of steps, nearly the same for every prompt (the tiny preset: 0.02)."""
 
     def __post_init__(self):
         _check(self.encoder_layers > 0 and self.decoder_layers > 0, "model.aligner layer counts must be > 0")
+        _check(self.query_init_std > 0, "model.aligner.query_init_std must be > 0")
         _check(self.num_queries > 0, "model.aligner.num_queries must be > 0")
 
 

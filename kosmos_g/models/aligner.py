@@ -189,17 +189,17 @@ class AlignerNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, llm_dim: int, clip_dim: int = 768, num_heads: int = 12, ffn_size: int = 3072,
                  encoder_layers: int = 12, decoder_layers: int = 12, num_queries: int = 77,
-                 max_source_positions: int = 32768, dropout: float = 0.0):
+                 max_source_positions: int = 32768, dropout: float = 0.0, query_init_std: float = 1.0):
         super().__init__()
         if clip_dim % num_heads:
             raise ValueError(f"AlignerNet: clip_dim {clip_dim} must be divisible by num_heads {num_heads}")
         w, enc, dec = clip_dim, encoder_layers, decoder_layers
         # M
         self.encoder_proj = Encoder(w, num_heads, ffn_size, enc, max_source_positions, dropout, in_dim=llm_dim)
-        self.encoder_query = nn.Parameter(torch.randn(num_queries, w))
+        self.encoder_query = nn.Parameter(torch.randn(num_queries, w) * query_init_std)
         self.encoder = Decoder(w, num_heads, ffn_size, dec, dropout)
         # N
-        self.decoder_query = nn.Parameter(torch.randn(max_source_positions, w))
+        self.decoder_query = nn.Parameter(torch.randn(max_source_positions, w) * query_init_std)
         self.decoder = Decoder(w, num_heads, ffn_size, dec, dropout)
         self.decoder_proj = Encoder(w, num_heads, ffn_size, enc, max_source_positions, dropout, out_dim=llm_dim)
         # The original's gains (encoder_proj and the decoders are built with is_encoder_decoder=True).
@@ -268,4 +268,4 @@ class AlignerNet(ModelMixin, ConfigMixin):
         return cls(llm_dim=llm_dim, clip_dim=clip_dim, num_heads=cfg.num_heads, ffn_size=cfg.ffn_size,
                    encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
                    num_queries=cfg.num_queries, max_source_positions=cfg.max_source_positions,
-                   dropout=cfg.dropout)
+                   dropout=cfg.dropout, query_init_std=cfg.query_init_std)
