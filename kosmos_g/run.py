@@ -54,10 +54,6 @@ class RunPaths:
         return self.stage_dir / "checkpoints"
 
     @property
-    def tensorboard(self) -> Path:
-        return self.stage_dir / "tensorboard"
-
-    @property
     def export(self) -> Path:
         return self.stage_dir / "export"
 
@@ -190,15 +186,6 @@ def adopt_export_assets(diffusion_path: str | None, init_export: Path | None, st
             f"Set model.diffusion_path={recorded} (or leave it null to reuse it), or train the earlier stages "
             "against this folder.")
     return str(folder)
-
-
-def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of a TensorBoard log folder: tag -> [(step, value), ...] (for tests and the demo's summary)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

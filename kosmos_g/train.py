@@ -89,7 +89,7 @@ def run(cfg: TrainConfig) -> Path | None:
     from kosmos_g.run import (AtomicCheckpointIO, RunPaths, adopt_export_assets, check_checkpoint_fits, config_hash,
                               diffusion_record, move_aside, read_checkpoint, resolve_init, write_export)
     from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, launch_rank, prepare_module
-    from kosmos_g.stages.common import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
+    from kosmos_g.callbacks import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
 
     stage, t = cfg.stage.name, cfg.trainer
     strategy = build_strategy(t)
@@ -203,7 +203,7 @@ def _cfg_job_overrides(argv: list[str]) -> list[str] | None:
 
 
 def _run_or_exit(cfg: TrainConfig) -> None:
-    from kosmos_g.stages.common import TrainingDiverged
+    from kosmos_g.callbacks import TrainingDiverged
 
     try:
         run(cfg)

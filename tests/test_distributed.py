@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from kosmos_g.stages.common import read_steps
+from run_logs import read_steps
 
 STEPS = 3
 STAGES = ("mllm", "align", "instruct")
@@ -153,7 +153,7 @@ def torchrun(root: Path, mode: str) -> None:
 @pytest.mark.slow
 def test_every_stage_runs_its_defaults_under_ddp_and_fsdp_with_uneven_ranks(tmp_path):
     from kosmos_g.eval.metrics import save_tiny_clip, save_tiny_dino
-    from kosmos_g.run import read_scalars
+    from kosmos_g.tinyworld.demo import read_scalars
 
     if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
         pytest.skip(f"{DREAMBENCH} not present (validation needs DreamBench)")

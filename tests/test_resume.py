@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from kosmos_g.run import read_scalars
-from kosmos_g.stages.common import TrainingDiverged, read_steps
+from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.callbacks import TrainingDiverged
+from run_logs import read_steps
 from kosmos_g.train import main, run
 
 # A subprocess running train.py's main() that stops at the start of step STEP: "kill" waits forever (the test
@@ -125,7 +126,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path):
 
 def test_sigusr1_in_process_checkpoints_and_stops(tmp_path, monkeypatch):
     """SLURM's warning signal, delivered to this very process at step 2: checkpoint at the end of the step."""
-    from kosmos_g.stages.common import StepSeed
+    from kosmos_g.callbacks import StepSeed
 
     original = StepSeed.on_train_batch_start
 
