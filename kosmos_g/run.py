@@ -62,6 +62,19 @@ class RunPaths:
         return self.root / "assets"
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, SLURM, Lightning's own); 0 alone. Read before
+    the Trainer exists, to let one process write the run folder. Not Lightning's `rank_zero_only.rank`: before
+    the strategy sets it, it reads LOCAL_RANK before the node rank, so every node's first process would be 0."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    # Lightning's subprocess launcher sets NODE_RANK / LOCAL_RANK for the processes it starts.
+    return int(env.get("NODE_RANK", 0)) * 10_000 + int(env.get("LOCAL_RANK", 0))
+
+
 def config_hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -52,29 +52,6 @@ def resolve_resume(resume: str, paths) -> Path | None:
     return ckpt
 
 
-def _prepare_shared_files(cfg: TrainConfig, paths, init_export: Path | None) -> None:
-    """Files that several processes of one launch would otherwise write at once: the tiny world and the
-    tiny stand-in assets. The first process writes them under a lock; the others find them done."""
-    from kosmos_g.assets import SD_IMAGE_PARTS, SD_TEXT_PARTS, corpus, diffusion_folder, mllm_tokenizer
-    from kosmos_g.scale import file_lock
-
-    tokenizer = init_export is None and not cfg.model.llm.tokenizer_path
-    sd_parts = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_IMAGE_PARTS}[cfg.stage.name]
-    sd_parts = sd_parts if not cfg.model.diffusion_path else ()
-    if not (cfg.data.generate_tiny_world or tokenizer or sd_parts):
-        return  # the paper preset: only local paths, nothing to write (and no lock on a shared file system)
-    with file_lock(paths.root / ".prepare.lock"):
-        if cfg.data.generate_tiny_world:  # opt-in (data=tiny): the only place the core touches the tiny world
-            from kosmos_g.tinyworld.data import write_world_shards
-            write_world_shards(cfg.data.root, seed=cfg.seed, samples=cfg.data.tiny_world_samples,
-                               size=cfg.data.vae_image_size)
-        texts = lambda: corpus(cfg.data)  # noqa: E731
-        if tokenizer:
-            mllm_tokenizer(cfg.model, paths.assets, texts)
-        if sd_parts:
-            diffusion_folder(cfg.model, paths.assets, texts, parts=sd_parts, image_size=cfg.data.vae_image_size)
-
-
 def run(cfg: TrainConfig) -> Path | None:
     """Train `cfg.stage` and write its export; returns the export folder, or None when preempted.
 
@@ -86,9 +63,10 @@ def run(cfg: TrainConfig) -> Path | None:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from kosmos_g.assets import prepare_assets
     from kosmos_g.run import (AtomicCheckpointIO, RunPaths, adopt_export_assets, check_checkpoint_fits, config_hash,
-                              diffusion_record, move_aside, read_checkpoint, resolve_init, write_export)
-    from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, launch_rank, prepare_module
+                              diffusion_record, launch_rank, move_aside, read_checkpoint, resolve_init, write_export)
+    from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, prepare_module
     from kosmos_g.callbacks import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
 
     stage, t = cfg.stage.name, cfg.trainer
@@ -103,7 +81,7 @@ def run(cfg: TrainConfig) -> Path | None:
     ckpt = resolve_resume(cfg.resume, paths)
     ckpt_info = read_checkpoint(ckpt) if ckpt else None  # weights_only=True: a bad or unsafe file stops here
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # tiny assets are random: make them reproducible
-    _prepare_shared_files(cfg, paths, init_export)
+    prepare_assets(cfg, paths, init_export)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = _build_stage(cfg, paths, init_export)

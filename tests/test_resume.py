@@ -58,8 +58,14 @@ def start_paused(tmp_path: Path, step: int, mode: str, overrides: list[str]) -> 
     return proc, mark
 
 
+@pytest.fixture(autouse=True)
+def world(tmp_path, tiny_world):
+    """The tiny world's shards where the runs read them (data.root=<tmp_path>/data)."""
+    shutil.copytree(tiny_world(200), tmp_path / "data")
+
+
 def common_overrides(root: Path, run_name: str, max_steps: int) -> list[str]:
-    return [f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}", "data.tiny_world_samples=200",
+    return [f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}",
             f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=1",
             "trainer.deterministic=true"]
 

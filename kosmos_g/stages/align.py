@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from kosmos_g.assets import SD_TEXT_PARTS, corpus, diffusion_folder, load_text_encoder
+from kosmos_g.assets import corpus, load_text_encoder, stage_diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
 from kosmos_g.data.cache import FeatureCache, open_cache
 from kosmos_g.data.datamodule import KosmosGDataModule
@@ -133,7 +133,7 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
     """The AlignerModule and its DataModule for this config; `init_export` is the mllm export (or None)."""
     texts = lambda: corpus(cfg.data)  # noqa: E731 (only read when a tiny tokenizer must be trained)
     mllm, processor, export_sources = load_mllm(cfg, assets, init_export, texts)
-    sd = diffusion_folder(cfg.model, assets, texts, parts=SD_TEXT_PARTS, image_size=cfg.data.vae_image_size)
+    sd = stage_diffusion_folder(cfg, assets)
     text_encoder, clip_tokenizer = load_text_encoder(sd, cfg.model.diffusion_dtype)
     aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=mllm.config.hidden_size,
                                            clip_dim=text_encoder.config.hidden_size)

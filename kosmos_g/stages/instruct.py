@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
-from kosmos_g.assets import SD_IMAGE_PARTS, corpus, diffusion_folder
+from kosmos_g.assets import corpus, stage_diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
 from kosmos_g.data.cache import FeatureCache, latents_from_moments, open_cache
 from kosmos_g.data.datamodule import KosmosGDataModule, vae_image_transform
@@ -219,7 +219,7 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
     texts = lambda: corpus(cfg.data)  # noqa: E731
     mllm, processor, _ = load_mllm(cfg, assets, init_export, texts)
     aligner = AlignerNet.from_pretrained(init_export / "aligner")
-    sd = diffusion_folder(cfg.model, assets, texts, parts=SD_IMAGE_PARTS, image_size=cfg.data.vae_image_size)
+    sd = stage_diffusion_folder(cfg, assets)
     diffusion = FrozenDiffusion.from_pretrained(str(sd), dtype=getattr(torch, cfg.model.diffusion_dtype))
     if aligner.config.clip_dim != diffusion.cross_attention_dim:
         raise ConfigError(f"the aligner in {init_export} outputs width {aligner.config.clip_dim}, but the U-Net in "

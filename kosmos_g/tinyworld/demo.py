@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     step("world", lambda: write_world_shards(root / "data", seed=0, samples=plan["samples"], size=32))
     teachers = step("teachers", lambda: train_teachers(root / "teachers", seed=0, size=32, budget=plan["teachers"]))
     common = [f"run_name={args.run_name}", f"runs_dir={args.runs_dir}", "model=tiny", "data=tiny", "trainer=cpu",
-              f"model.diffusion_path={teachers / 'sd'}", f"data.tiny_world_samples={plan['samples']}",
+              f"model.diffusion_path={teachers / 'sd'}",
               f"trainer.log_every_n_steps={1 if args.quick else 5}", *vision_overrides(teachers / "clip")]
     for stage, (n, batch, extra) in plan["stages"].items():
         step(f"stage={stage}", lambda: train([f"stage={stage}", f"trainer.max_steps={n}", f"stage.batch_size={batch}",
