@@ -29,14 +29,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def _build_stage(cfg: TrainConfig, paths, init_export: Path | None):
+def _build_stage(cfg: TrainConfig, paths, init_export: Path | None, resume_step: int):
     if cfg.stage.name == "align":
         from kosmos_g.stages.align import build
     elif cfg.stage.name == "mllm":
         from kosmos_g.stages.mllm import build
     else:
         from kosmos_g.stages.instruct import build
-    return build(cfg, paths.assets, init_export)
+    return build(cfg, paths.assets, init_export, resume_step)
 
 
 def resolve_resume(resume: str, paths) -> Path | None:
@@ -84,7 +84,7 @@ def run(cfg: TrainConfig) -> Path | None:
     prepare_assets(cfg, paths, init_export)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module, datamodule = _build_stage(cfg, paths, init_export)
+    module, datamodule = _build_stage(cfg, paths, init_export, ckpt_info["global_step"] if ckpt else 0)
     assets = diffusion_record(cfg.model.diffusion_path, paths.assets) if stage != "mllm" else None
     if assets and assets["random_tiny_sd"] and stage == "instruct":
         print(f"[train] warning: the U-Net and VAE in {assets['diffusion_path']} are RANDOM (the tiny stand-in "
@@ -94,11 +94,7 @@ def run(cfg: TrainConfig) -> Path | None:
     if ckpt:
         check_checkpoint_fits(ckpt, ckpt_info, stage, module)
     datamodule.check_sources()  # an empty or unreadable dataset is refused before anything is written
-    # The data stream counts micro-batches: accumulation makes each optimizer step several of them.
     accumulate = cfg.stage.accumulate_grad_batches
-    datamodule.start_step = (ckpt_info["global_step"] if ckpt else 0) * accumulate
-    datamodule.segment_steps = t.checkpoint_every_n_steps * accumulate
-    datamodule.fast_forward = t.exact_data_resume
     prepare_module(module, t)
 
     # From here on the run folder changes (first process only; the others wait in Trainer.fit).

@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 from kosmos_g.assets import corpus, stage_diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
 from kosmos_g.data.cache import FeatureCache, latents_from_moments, open_cache
-from kosmos_g.data.datamodule import KosmosGDataModule, vae_image_transform
+from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings, vae_image_transform
 from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
 from kosmos_g.data.shards import BadSample
 from kosmos_g.models.aligner import AlignerNet
@@ -214,8 +214,9 @@ class ScoreDistillTuner(L.LightningModule):
         return {".": lambda path: self.pipeline().use_scheduler("dpm++").save_pretrained(path)}
 
 
-def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
-    """The tuner, starting from the align export (MLLM + processor + aligner), and the 1:2:2 DataModule."""
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None, resume_step: int | None = None):
+    """The tuner, starting from the align export (MLLM + processor + aligner), and the 1:2:2 DataModule.
+    `resume_step`: the optimizer step train.py starts the data stream at (`resume_settings`)."""
     texts = lambda: corpus(cfg.data)  # noqa: E731
     mllm, processor, _ = load_mllm(cfg, assets, init_export, texts)
     aligner = AlignerNet.from_pretrained(init_export / "aligner")
@@ -238,5 +239,6 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
             raise ConfigError(f"data.vae_latent_caches.{kind}: {e}") from e
     features = InstructFeatures(processor, cfg.data.vae_image_size, cfg.data.max_text_tokens,
                                 cfg.data.entity_drop_prob, caches)
-    data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed,
+                             **resume_settings(cfg, resume_step))
     return module, data
