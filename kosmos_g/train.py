@@ -64,10 +64,10 @@ def run(cfg: TrainConfig) -> Path | None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from kosmos_g.assets import prepare_assets
+    from kosmos_g.callbacks import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
     from kosmos_g.run import (AtomicCheckpointIO, RunPaths, adopt_export_assets, check_checkpoint_fits, config_hash,
                               diffusion_record, launch_rank, move_aside, read_checkpoint, resolve_init, write_export)
     from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, prepare_module
-    from kosmos_g.callbacks import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
 
     stage, t = cfg.stage.name, cfg.trainer
     strategy = build_strategy(t)
