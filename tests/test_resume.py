@@ -29,14 +29,14 @@ from kosmos_g.train import main, run
 PAUSED_TRAINING = """
 import os, sys, time
 from pathlib import Path
-from kosmos_g.stages import common
+from kosmos_g import callbacks
 STEP, MARK, MODE = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 def pause(self, trainer, pl_module, batch, batch_idx):
     if trainer.global_step == STEP:
         MARK.write_text(str(os.getpid()))
         while MODE == "kill" or self.received is None:
             time.sleep(0.02)
-common.Preemption.on_train_batch_start = pause
+callbacks.Preemption.on_train_batch_start = pause
 from kosmos_g.train import main
 main(sys.argv[4:])
 """
