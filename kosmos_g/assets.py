@@ -3,6 +3,7 @@
 The tiny stand-ins are written once into `runs/<run>/assets/` in the very formats the real ones
 use (a tokenizer folder; a Stable Diffusion-layout folder with `tokenizer/` and `text_encoder/`),
 and are then loaded through the same `from_pretrained` calls. Nothing is ever downloaded.
+`prepare_assets` writes what a stage needs before the stage's `build` loads it (`stage_diffusion_folder`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from filelock import FileLock
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from kosmos_g.config import SAMPLE_KINDS, ConfigError, DataConfig, ModelConfig
+from kosmos_g.config import SAMPLE_KINDS, ConfigError, DataConfig, ModelConfig, TrainConfig
 from kosmos_g.data.shards import read_shards
 from kosmos_g.models.diffusion import save_tiny_sd_folder
 from kosmos_g.models.tokenizers import (SPM_MODEL, add_kosmos_specials, check_special_layout, official_tokenizer,
@@ -25,6 +27,43 @@ from kosmos_g.models.tokenizers import (SPM_MODEL, add_kosmos_specials, check_sp
 
 SD_TEXT_PARTS = ("tokenizer", "text_encoder")  # what stage align reads (its CLIP-text targets)
 SD_IMAGE_PARTS = ("unet", "vae", "scheduler")  # what stage instruct and generation read
+STAGE_SD_PARTS = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_IMAGE_PARTS}
+# data=tiny reads the tiny world's shards; the core never writes them (kosmos_g.tinyworld is the demo's).
+TINY_WORLD_COMMAND = "python -m kosmos_g.tinyworld.data --out {root}"
+
+
+def prepare_assets(cfg: TrainConfig, paths, init_export: Path | None) -> None:
+    """Write the tiny stand-in assets `cfg.stage` will load (`paths`: the run's `RunPaths`), once per run.
+
+    Several processes of one launch would otherwise write them at once: the first writes them under a
+    lock, the others find them done. The paper preset (local paths only) writes nothing and takes no lock
+    (on a shared file system)."""
+    check_tiny_world(cfg.data)
+    tokenizer = init_export is None and not cfg.model.llm.tokenizer_path
+    sd_parts = STAGE_SD_PARTS[cfg.stage.name] if not cfg.model.diffusion_path else ()
+    if not (tokenizer or sd_parts):
+        return
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(paths.root / ".prepare.lock"):
+        if tokenizer:
+            mllm_tokenizer(cfg.model, paths.assets, lambda: corpus(cfg.data))
+        if sd_parts:
+            stage_diffusion_folder(cfg, paths.assets)
+
+
+def check_tiny_world(data: DataConfig) -> None:
+    """`data=tiny` without shards in `data.root`: one error naming the folder and the command that writes them."""
+    root = Path(data.root)
+    if data.name != "tiny" or any(data.shards.values()) or any((root / kind).is_dir() for kind in SAMPLE_KINDS):
+        return
+    raise ConfigError(f"data=tiny: no tiny-world shards in {root}. Write them first: "
+                      f"`{TINY_WORLD_COMMAND.format(root=root)}` (or point data.root at existing shards)")
+
+
+def stage_diffusion_folder(cfg: TrainConfig, assets: Path) -> Path:
+    """The SD folder `cfg.stage` trains against, holding the parts it reads (`diffusion_folder`)."""
+    return diffusion_folder(cfg.model, assets, lambda: corpus(cfg.data), parts=STAGE_SD_PARTS[cfg.stage.name],
+                            image_size=cfg.data.vae_image_size)
 
 
 def _require_dir(path: str, key: str, what: str) -> Path:
@@ -102,7 +141,7 @@ def _write_tiny_sd(folder: Path, model: ModelConfig, texts: Callable[[], Iterabl
         max_position_embeddings=model.clip_max_tokens, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     # Not save_pretrained: once a process group exists it writes weights on rank 0 only, and the shared assets
-    # are written by whichever process holds the lock (kosmos_g.train._prepare_shared_files).
+    # are written by whichever process holds the lock (`prepare_assets`).
     text_encoder.config.save_pretrained(folder / "text_encoder")
     save_file(text_encoder.state_dict(), folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     save_tiny_sd_folder(str(folder), cross_attention_dim=c.hidden_size, image_size=image_size)

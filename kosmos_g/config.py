@@ -281,10 +281,6 @@ class DataConfig:
     `data.shards.caption=/data/coco` or `'data.shards.caption=/data/laion/{00000..09999}.tar'`."""
     mixture: Dict[str, Dict[str, float]] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MIXTURE.items()})
     """Per stage, the sampling weight of each sample kind."""
-    generate_tiny_world: bool = False
-    """Write the tiny world's shards into `root` first when they are missing (tiny preset)."""
-    tiny_world_samples: int = 3000
-    """With generate_tiny_world: samples per kind to generate."""
     num_workers: Optional[int] = None
     """DataLoader worker processes per device. null: 0 for images up to 64 px (tiny), else min(4, cores - 1)."""
     shuffle_buffer: Optional[int] = None

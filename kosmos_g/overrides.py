@@ -31,6 +31,12 @@ def _field_type(dotted: str) -> Any:
     return node
 
 
+# Keys that no longer exist, with what replaces them.
+REMOVED = dict.fromkeys(("data.generate_tiny_world", "data.tiny_world_samples"),
+                        "train.py no longer writes the tiny world. Write it first with `python -m "
+                        "kosmos_g.tinyworld.data --out <data.root> [--samples N]` (data.root: runs/<run_name>/data).")
+
+
 def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
     """Fail early, with the allowed keys and a guess, on an override naming no schema key.
 
@@ -50,6 +56,8 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
             raise ConfigError(f"Unknown sample kind '{kind}' in override '{ov}'."
                               f"{f' Did you mean {parent}.{guess[0]}?' if guess else ''} "
                               f"Kinds: {', '.join(SAMPLE_KINDS)}.")
+        if key in REMOVED:
+            raise ConfigError(f"'{key}' was removed: {REMOVED[key]}")
         if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
             continue
         parent = key.rsplit(".", 1)[0] if "." in key else ""

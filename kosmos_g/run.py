@@ -54,16 +54,25 @@ class RunPaths:
         return self.stage_dir / "checkpoints"
 
     @property
-    def tensorboard(self) -> Path:
-        return self.stage_dir / "tensorboard"
-
-    @property
     def export(self) -> Path:
         return self.stage_dir / "export"
 
     @property
     def assets(self) -> Path:
         return self.root / "assets"
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, SLURM, Lightning's own); 0 alone. Read before
+    the Trainer exists, to let one process write the run folder. Not Lightning's `rank_zero_only.rank`: before
+    the strategy sets it, it reads LOCAL_RANK before the node rank, so every node's first process would be 0."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    # Lightning's subprocess launcher sets NODE_RANK / LOCAL_RANK for the processes it starts.
+    return int(env.get("NODE_RANK", 0)) * 10_000 + int(env.get("LOCAL_RANK", 0))
 
 
 def config_hash(resolved: dict) -> str:
@@ -190,15 +199,6 @@ def adopt_export_assets(diffusion_path: str | None, init_export: Path | None, st
             f"Set model.diffusion_path={recorded} (or leave it null to reuse it), or train the earlier stages "
             "against this folder.")
     return str(folder)
-
-
-def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of a TensorBoard log folder: tag -> [(step, value), ...] (for tests and the demo's summary)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

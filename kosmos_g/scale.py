@@ -23,10 +23,7 @@ FSDP (the paper preset, `trainer=a100_fsdp` / `v100_fsdp`):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
-import os
-from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import lightning as L
@@ -221,30 +218,3 @@ def full_weights(trainer) -> Iterator[None]:
 
     with FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True):
         yield
-
-
-# ---------------------------------------------------------------------------------------------
-# before the process group exists: which launcher process is this, and a lock for shared files
-
-
-def launch_rank() -> int:
-    """This process's global rank as the launcher set it (torchrun, SLURM, Lightning's own); 0 alone."""
-    env = os.environ
-    if "RANK" in env:
-        return int(env["RANK"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"])
-    # Lightning's subprocess launcher sets NODE_RANK / LOCAL_RANK for the processes it starts.
-    return int(env.get("NODE_RANK", 0)) * 10_000 + int(env.get("LOCAL_RANK", 0))
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock across the processes of a node: one writes shared files (tiny world, assets), others wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

@@ -29,14 +29,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def _build_stage(cfg: TrainConfig, paths, init_export: Path | None):
+def _build_stage(cfg: TrainConfig, paths, init_export: Path | None, resume_step: int):
     if cfg.stage.name == "align":
         from kosmos_g.stages.align import build
     elif cfg.stage.name == "mllm":
         from kosmos_g.stages.mllm import build
     else:
         from kosmos_g.stages.instruct import build
-    return build(cfg, paths.assets, init_export)
+    return build(cfg, paths.assets, init_export, resume_step)
 
 
 def resolve_resume(resume: str, paths) -> Path | None:
@@ -52,29 +52,6 @@ def resolve_resume(resume: str, paths) -> Path | None:
     return ckpt
 
 
-def _prepare_shared_files(cfg: TrainConfig, paths, init_export: Path | None) -> None:
-    """Files that several processes of one launch would otherwise write at once: the tiny world and the
-    tiny stand-in assets. The first process writes them under a lock; the others find them done."""
-    from kosmos_g.assets import SD_IMAGE_PARTS, SD_TEXT_PARTS, corpus, diffusion_folder, mllm_tokenizer
-    from kosmos_g.scale import file_lock
-
-    tokenizer = init_export is None and not cfg.model.llm.tokenizer_path
-    sd_parts = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_IMAGE_PARTS}[cfg.stage.name]
-    sd_parts = sd_parts if not cfg.model.diffusion_path else ()
-    if not (cfg.data.generate_tiny_world or tokenizer or sd_parts):
-        return  # the paper preset: only local paths, nothing to write (and no lock on a shared file system)
-    with file_lock(paths.root / ".prepare.lock"):
-        if cfg.data.generate_tiny_world:  # opt-in (data=tiny): the only place the core touches the tiny world
-            from kosmos_g.tinyworld.data import write_world_shards
-            write_world_shards(cfg.data.root, seed=cfg.seed, samples=cfg.data.tiny_world_samples,
-                               size=cfg.data.vae_image_size)
-        texts = lambda: corpus(cfg.data)  # noqa: E731
-        if tokenizer:
-            mllm_tokenizer(cfg.model, paths.assets, texts)
-        if sd_parts:
-            diffusion_folder(cfg.model, paths.assets, texts, parts=sd_parts, image_size=cfg.data.vae_image_size)
-
-
 def run(cfg: TrainConfig) -> Path | None:
     """Train `cfg.stage` and write its export; returns the export folder, or None when preempted.
 
@@ -86,10 +63,11 @@ def run(cfg: TrainConfig) -> Path | None:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from kosmos_g.assets import prepare_assets
+    from kosmos_g.callbacks import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
     from kosmos_g.run import (AtomicCheckpointIO, RunPaths, adopt_export_assets, check_checkpoint_fits, config_hash,
-                              diffusion_record, move_aside, read_checkpoint, resolve_init, write_export)
-    from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, launch_rank, prepare_module
-    from kosmos_g.stages.common import NumericalGuard, Preemption, StepLog, StepSeed, TrainingHealth
+                              diffusion_record, launch_rank, move_aside, read_checkpoint, resolve_init, write_export)
+    from kosmos_g.scale import build_strategy, full_weights, gradient_clipping, prepare_module
 
     stage, t = cfg.stage.name, cfg.trainer
     strategy = build_strategy(t)
@@ -103,10 +81,10 @@ def run(cfg: TrainConfig) -> Path | None:
     ckpt = resolve_resume(cfg.resume, paths)
     ckpt_info = read_checkpoint(ckpt) if ckpt else None  # weights_only=True: a bad or unsafe file stops here
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # tiny assets are random: make them reproducible
-    _prepare_shared_files(cfg, paths, init_export)
+    prepare_assets(cfg, paths, init_export)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module, datamodule = _build_stage(cfg, paths, init_export)
+    module, datamodule = _build_stage(cfg, paths, init_export, ckpt_info["global_step"] if ckpt else 0)
     assets = diffusion_record(cfg.model.diffusion_path, paths.assets) if stage != "mllm" else None
     if assets and assets["random_tiny_sd"] and stage == "instruct":
         print(f"[train] warning: the U-Net and VAE in {assets['diffusion_path']} are RANDOM (the tiny stand-in "
@@ -116,11 +94,7 @@ def run(cfg: TrainConfig) -> Path | None:
     if ckpt:
         check_checkpoint_fits(ckpt, ckpt_info, stage, module)
     datamodule.check_sources()  # an empty or unreadable dataset is refused before anything is written
-    # The data stream counts micro-batches: accumulation makes each optimizer step several of them.
     accumulate = cfg.stage.accumulate_grad_batches
-    datamodule.start_step = (ckpt_info["global_step"] if ckpt else 0) * accumulate
-    datamodule.segment_steps = t.checkpoint_every_n_steps * accumulate
-    datamodule.fast_forward = t.exact_data_resume
     prepare_module(module, t)
 
     # From here on the run folder changes (first process only; the others wait in Trainer.fit).
@@ -203,7 +177,7 @@ def _cfg_job_overrides(argv: list[str]) -> list[str] | None:
 
 
 def _run_or_exit(cfg: TrainConfig) -> None:
-    from kosmos_g.stages.common import TrainingDiverged
+    from kosmos_g.callbacks import TrainingDiverged
 
     try:
         run(cfg)

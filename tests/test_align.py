@@ -9,17 +9,16 @@ from kosmos_g.config import ConfigError, load_config
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.mllm import MultimodalLM
 from kosmos_g.processor import KosmosGProcessor
-from kosmos_g.run import RunPaths, read_scalars
+from kosmos_g.run import RunPaths
+from kosmos_g.tinyworld.demo import read_scalars
 from kosmos_g.stages.align import build
 from kosmos_g.stages.common import trainable_names
-from kosmos_g.tinyworld.data import write_world_shards
 from kosmos_g.train import main
 
 
 @pytest.fixture
-def align(tmp_path, tiny_overrides):
-    cfg = load_config(["stage=align", "init_from=none", *tiny_overrides])
-    write_world_shards(cfg.data.root, samples=100, size=cfg.data.vae_image_size)
+def align(tmp_path, tiny_overrides, tiny_world):
+    cfg = load_config(["stage=align", "init_from=none", *tiny_overrides, f"data.root={tiny_world(100)}"])
     module, data = build(cfg, RunPaths.create(cfg.runs_dir, cfg.run_name, "align").assets, None)
     return module, data
 

@@ -27,11 +27,11 @@ STEPS = ["trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.checkpoi
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_world):
     """runs/ok/{mllm,align}: exports, checkpoints, assets (tokenizer, tiny SD)."""
     root = tmp_path_factory.mktemp("bad")
-    base = [f"runs_dir={root / 'runs'}", "run_name=ok", f"data.root={root / 'data'}", "data.tiny_world_samples=100",
-            *STEPS]
+    shutil.copytree(tiny_world(100), root / "data")
+    base = [f"runs_dir={root / 'runs'}", "run_name=ok", f"data.root={root / 'data'}", *STEPS]
     main(["stage=mllm", *base])
     main(["stage=align", *base])
     return root
@@ -41,8 +41,7 @@ def trained(tmp_path_factory):
 def run(trained, tmp_path):
     """A private copy of the trained run and the overrides aimed at it."""
     shutil.copytree(trained / "runs", tmp_path / "runs")
-    overrides = [f"runs_dir={tmp_path / 'runs'}", "run_name=ok", f"data.root={trained / 'data'}",
-                 "data.tiny_world_samples=100", *STEPS]
+    overrides = [f"runs_dir={tmp_path / 'runs'}", "run_name=ok", f"data.root={trained / 'data'}", *STEPS]
     return tmp_path / "runs" / "ok", overrides
 
 

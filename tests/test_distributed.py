@@ -34,11 +34,17 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from kosmos_g.stages.common import read_steps
+from run_logs import read_steps
 
 STEPS = 3
 STAGES = ("mllm", "align", "instruct")
 DISTRIBUTED = ("ddp", "fsdp")
+
+
+@pytest.fixture(autouse=True)
+def world(tmp_path, tiny_world):
+    """The tiny world's shards where the runs read them (data.root=<tmp_path>/data)."""
+    shutil.copytree(tiny_world(200), tmp_path / "data")
 
 
 def stage_config(stage: str, root: Path, run_name: str, batch_size: int, extra: list[str] = ()):
@@ -47,7 +53,7 @@ def stage_config(stage: str, root: Path, run_name: str, batch_size: int, extra: 
     if run_name != "single" and stage != "mllm":  # the same MLLM/aligner start and the same frozen SD parts
         extra = [f"init_from={single}", f"model.diffusion_path={single / 'assets' / 'sd'}", *extra]
     cfg = load_config([f"stage={stage}", f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}",
-                       "data.tiny_world_samples=200", "data.shuffle_buffer=0", f"stage.batch_size={batch_size}",
+                       "data.shuffle_buffer=0", f"stage.batch_size={batch_size}",
                        f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
                        "stage.cfg_dropout=0.0", *extra])
     if stage == "align":
@@ -153,7 +159,7 @@ def torchrun(root: Path, mode: str) -> None:
 @pytest.mark.slow
 def test_every_stage_runs_its_defaults_under_ddp_and_fsdp_with_uneven_ranks(tmp_path):
     from kosmos_g.eval.metrics import save_tiny_clip, save_tiny_dino
-    from kosmos_g.run import read_scalars
+    from kosmos_g.tinyworld.demo import read_scalars
 
     if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
         pytest.skip(f"{DREAMBENCH} not present (validation needs DreamBench)")
@@ -224,7 +230,7 @@ def default_config(stage: str, root: Path, run_name: str, extra: list[str]):
     """The stage's defaults, except that rank 1 reads only image-free samples; instruct validates and logs
     sample grids every 2 steps (tiny CLIP/DINO written by the test)."""
     overrides = [f"stage={stage}", f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}",
-                 "data.tiny_world_samples=200", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
+                 f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
                  "stage.batch_size=2", *extra]
     if stage == "instruct":
         overrides += ["stage.sample_every_n_steps=2", "eval.every_n_steps=2", f"eval.dreambench_root={DREAMBENCH}",

@@ -37,7 +37,8 @@ OWN_DATA = "Train on your own data"  # README section run by test_own_data_route
 # Appended to runnable commands (last value wins): tiny sizes for a test.
 SMALL = {
     "train": ["trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2",
-              "data.tiny_world_samples=60", "stage.batch_size=2", "stage.sample_every_n_steps=0"],
+              "stage.batch_size=2", "stage.sample_every_n_steps=0"],
+    "tinyworld": ["--samples", "60"],
     "generate": ["--steps", "2", "--num-images", "1"],
     "evaluate": ["--steps", "2", "--quiet"],
 }
@@ -116,6 +117,7 @@ def run_command(cmd: Command, monkeypatch) -> str:
     from kosmos_g import app, evaluate, generate, train
     from kosmos_g import convert as convert_official
     from kosmos_g.data import cache, convert
+    from kosmos_g.tinyworld import data as tinyworld_data
 
     argv = shlex.split(cmd.text, comments=True)
     reason = cannot_run(cmd.text)
@@ -146,7 +148,9 @@ def run_command(cmd: Command, monkeypatch) -> str:
                  "kosmos_g.generate": (generate.main, generate.parse_args, SMALL["generate"]),
                  "kosmos_g.evaluate": (evaluate.main, evaluate.build_parser().parse_args, SMALL["evaluate"]),
                  "kosmos_g.convert": (convert_official.main, convert_official.build_parser().parse_args, []),
-                 "kosmos_g.app": (app.main, app.parse_args, [])}
+                 "kosmos_g.app": (app.main, app.parse_args, []),
+                 "kosmos_g.tinyworld.data": (tinyworld_data.main, tinyworld_data.build_parser().parse_args,
+                                             SMALL["tinyworld"])}
         assert module in mains, f"{cmd}: no rule to run python -m {module}; add one to run_command"
         main, parse, small = mains[module]
         if reason:

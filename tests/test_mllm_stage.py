@@ -6,17 +6,16 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from kosmos_g.run import RunPaths, read_scalars
+from kosmos_g.run import RunPaths
+from kosmos_g.tinyworld.demo import read_scalars
 from kosmos_g.stages.common import trainable_names
 from kosmos_g.stages.mllm import build
-from kosmos_g.tinyworld.data import write_world_shards
 from kosmos_g.train import main
 
 
 @pytest.fixture
-def stage(tiny_overrides):
-    cfg = load_config(["stage=mllm", *tiny_overrides])
-    write_world_shards(cfg.data.root, samples=100, size=cfg.data.vae_image_size)
+def stage(tiny_overrides, tiny_world):
+    cfg = load_config(["stage=mllm", *tiny_overrides, f"data.root={tiny_world(100)}"])
     return build(cfg, RunPaths.create(cfg.runs_dir, cfg.run_name, "mllm").assets, None)
 
 
@@ -68,11 +67,11 @@ def test_packed_rows_hold_whole_documents_and_train_as_separate_documents(tiny_o
     from kosmos_g.config import load_config
     from kosmos_g.stages.mllm import build
     from kosmos_g.run import RunPaths
-    from kosmos_g.train import _prepare_shared_files
+    from kosmos_g.assets import prepare_assets
 
     cfg = load_config([*tiny_overrides, "stage=mllm", "stage.pack_length=128", "stage.batch_size=2"])
     paths = RunPaths.create(cfg.runs_dir, cfg.run_name, "mllm")
-    _prepare_shared_files(cfg, paths, None)
+    prepare_assets(cfg, paths, None)
     module, data = build(cfg, paths.assets, None)
     batch = next(iter(data.train_dataloader()))
     docs = batch["document_ids"]

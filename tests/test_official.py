@@ -393,7 +393,7 @@ def test_help_documents_every_option():
 
 @pytest.mark.slow
 @needs_tokenizer
-def test_converted_final_weights_generate_and_fine_tune(tmp_path, mllm_ref, tiny_sd):
+def test_converted_final_weights_generate_and_fine_tune(tmp_path, mllm_ref, tiny_sd, tiny_world):
     """The user's route: convert the final checkpoint, load it as a KosmosGPipeline (the condition is M of the
     reference MLLM states; prompts in the original format), generate, then fine-tune it with stage=instruct."""
     from PIL import Image
@@ -428,7 +428,7 @@ def test_converted_final_weights_generate_and_fine_tune(tmp_path, mllm_ref, tiny
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
     cfg = load_config(["stage=instruct", f"init_from={out}", f"model.diffusion_path={tiny_sd}",
-                       f"runs_dir={tmp_path / 'runs'}", "run_name=ft", "data.tiny_world_samples=100",
+                       f"runs_dir={tmp_path / 'runs'}", "run_name=ft", f"data.root={tiny_world(100)}",
                        "trainer.max_steps=2", "stage.batch_size=2", "stage.sample_every_n_steps=0"])
     export = run(cfg)
     tuned = KosmosGPipeline.from_pretrained(export)

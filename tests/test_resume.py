@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from kosmos_g.run import read_scalars
-from kosmos_g.stages.common import TrainingDiverged, read_steps
+from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.callbacks import TrainingDiverged
+from run_logs import read_steps
 from kosmos_g.train import main, run
 
 # A subprocess running train.py's main() that stops at the start of step STEP: "kill" waits forever (the test
@@ -28,14 +29,14 @@ from kosmos_g.train import main, run
 PAUSED_TRAINING = """
 import os, sys, time
 from pathlib import Path
-from kosmos_g.stages import common
+from kosmos_g import callbacks
 STEP, MARK, MODE = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 def pause(self, trainer, pl_module, batch, batch_idx):
     if trainer.global_step == STEP:
         MARK.write_text(str(os.getpid()))
         while MODE == "kill" or self.received is None:
             time.sleep(0.02)
-common.Preemption.on_train_batch_start = pause
+callbacks.Preemption.on_train_batch_start = pause
 from kosmos_g.train import main
 main(sys.argv[4:])
 """
@@ -57,8 +58,14 @@ def start_paused(tmp_path: Path, step: int, mode: str, overrides: list[str]) -> 
     return proc, mark
 
 
+@pytest.fixture(autouse=True)
+def world(tmp_path, tiny_world):
+    """The tiny world's shards where the runs read them (data.root=<tmp_path>/data)."""
+    shutil.copytree(tiny_world(200), tmp_path / "data")
+
+
 def common_overrides(root: Path, run_name: str, max_steps: int) -> list[str]:
-    return [f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}", "data.tiny_world_samples=200",
+    return [f"runs_dir={root}", f"run_name={run_name}", f"data.root={root / 'data'}",
             f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=1",
             "trainer.deterministic=true"]
 
@@ -125,7 +132,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path):
 
 def test_sigusr1_in_process_checkpoints_and_stops(tmp_path, monkeypatch):
     """SLURM's warning signal, delivered to this very process at step 2: checkpoint at the end of the step."""
-    from kosmos_g.stages.common import StepSeed
+    from kosmos_g.callbacks import StepSeed
 
     original = StepSeed.on_train_batch_start
 

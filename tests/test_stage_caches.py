@@ -16,11 +16,11 @@ def _first_batch(data):
     return batch
 
 
-def test_align_uses_cached_clip_targets_equal_to_live_ones(tiny_overrides, tmp_path):
-    main(["stage=align", "init_from=none", *tiny_overrides, "trainer.max_steps=1"])  # writes data + assets
+def test_align_uses_cached_clip_targets_equal_to_live_ones(tiny_overrides, tmp_path, tiny_world):
+    main(["stage=align", "init_from=none", *tiny_overrides, "trainer.max_steps=1"])  # writes the assets
     run = tmp_path / "runs" / "t"
     cache = tmp_path / "clip-cache"
-    assert cache_main(["clip-text", "--shards", str(run / "data" / "caption"), "--text-encoder", str(run / "assets" / "sd"),
+    assert cache_main(["clip-text", "--shards", str(tiny_world(200) / "caption"), "--text-encoder", str(run / "assets" / "sd"),
                        "--out", str(cache), "--dtype", "float32"]) == 0
     cfg = load_config(["stage=align", "init_from=none", *tiny_overrides, f"data.clip_text_cache={cache}"])
     module, data = align.build(cfg, RunPaths.create(cfg.runs_dir, cfg.run_name, "align").assets, None)
@@ -35,13 +35,13 @@ def test_align_uses_cached_clip_targets_equal_to_live_ones(tiny_overrides, tmp_p
         align.build(bad, RunPaths.create(bad.runs_dir, bad.run_name, "align").assets, None)
 
 
-def test_instruct_uses_cached_vae_moments(tiny_overrides, tmp_path):
+def test_instruct_uses_cached_vae_moments(tiny_overrides, tmp_path, tiny_world):
     main(["stage=align", "init_from=none", *tiny_overrides, "trainer.max_steps=1"])
     run = tmp_path / "runs" / "t"
     caches = []
     for kind in ("caption", "edit", "subject"):
         out = tmp_path / f"vae-{kind}"
-        assert cache_main(["vae-latents", "--shards", str(run / "data" / kind), "--kind", kind, "--sd",
+        assert cache_main(["vae-latents", "--shards", str(tiny_world(200) / kind), "--kind", kind, "--sd",
                            str(run / "assets" / "sd"), "--size", "32", "--out", str(out), "--dtype", "float32"]) == 0
         caches.append(f"data.vae_latent_caches.{kind}={out}")
     cfg = load_config(["stage=instruct", *tiny_overrides, *caches])

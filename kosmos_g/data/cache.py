@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import webdataset as wds
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from kosmos_g.data.datamodule import vae_image_transform
 from kosmos_g.data.format import KINDS, Sample
@@ -112,12 +113,12 @@ def open_cache(folder: Optional[str | os.PathLike]) -> Optional[FeatureCache]:
 def latents_from_moments(moments: torch.Tensor, scaling_factor: float, sample: bool = True,
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Cached VAE moments [..., 8, h, w] -> scaled latents [..., 4, h, w], exactly as
-    `FrozenDiffusion.encode_images` does: a fresh posterior sample (or the mean with sample=False)."""
-    mean, logvar = moments.float().chunk(2, dim=-3)
-    if not sample:
-        return mean * scaling_factor
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-    return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * scaling_factor
+    `FrozenDiffusion.encode_images` does: a fresh posterior sample (or the mean with sample=False), from the
+    VAE's own posterior class."""
+    lead, (c, h, w) = moments.shape[:-3], moments.shape[-3:]
+    posterior = DiagonalGaussianDistribution(moments.float().reshape(-1, c, h, w))  # it splits dim 1
+    latents = posterior.sample(generator) if sample else posterior.mode()
+    return (latents * scaling_factor).reshape(*lead, c // 2, h, w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -44,10 +43,11 @@ from typing import Callable, Iterator, Optional
 import lightning as L
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2 as T
+from webdataset.utils import pytorch_worker_info
 
-from kosmos_g.config import ConfigError, DataConfig
+from kosmos_g.config import ConfigError, DataConfig, TrainConfig
 from kosmos_g.data.convert import SUBCOMMANDS
 from kosmos_g.data.format import Sample
 from kosmos_g.data.shards import MAX_CHARS, BadSample, decode_sample, shard_urls, tar_samples
@@ -66,10 +66,9 @@ def vae_image_transform(size: int) -> T.Compose:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else the RANK/WORLD_SIZE env."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size): the RANK/WORLD_SIZE env, else torch.distributed when initialised (webdataset's rule)."""
+    rank, world_size, _, _ = pytorch_worker_info()
+    return rank, world_size
 
 
 class EmptySourceError(RuntimeError):
@@ -112,8 +111,7 @@ class MixtureStream(IterableDataset):
         return self.rank * workers + lane, self.world_size * workers
 
     def _lane(self) -> tuple[int, int]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        _, _, worker, workers = pytorch_worker_info()
         return (self.start_step + worker) % workers, workers
 
     def _raw(self, kind: str, urls: list[str], epoch: int, index: int, count: int, skipped: Counter, seed_step: int):
@@ -228,24 +226,35 @@ class MixtureStream(IterableDataset):
         return out
 
 
+def resume_settings(cfg: TrainConfig, global_step: Optional[int]) -> dict:
+    """The DataModule's stream settings for a training run that starts at optimizer step `global_step` (0: fresh;
+    None: the defaults, one segment from step 0, for tests and tools). The stream counts micro-batches (gradient
+    accumulation makes each optimizer step several) and its segments start where periodic checkpoints are written."""
+    if global_step is None:
+        return {}
+    accumulate = cfg.stage.accumulate_grad_batches
+    return {"start_step": global_step * accumulate, "segment_steps": cfg.trainer.checkpoint_every_n_steps * accumulate,
+            "fast_forward": cfg.trainer.exact_data_resume}
+
+
 class KosmosGDataModule(L.LightningDataModule):
     """`train_dataloader()` yields `collate([featurize(sample, rng), ...])` dicts plus `"skipped"`.
 
-    Set `start_step` (the global step) before `train_dataloader()` on resume; `epochs` (None:
-    endless, as training wants) limits the number of passes, for evaluation and tests."""
+    `start_step`, `segment_steps`, `fast_forward`: where the stream starts and how it is cut (see the module
+    docstring; train.py passes `resume_settings`). `epochs` (None: endless, as training wants) limits the number
+    of passes, for evaluation and tests."""
 
     def __init__(self, cfg: DataConfig, stage: str, batch_size: int, featurize: Callable[[Sample, random.Random], dict],
                  collate: Callable[[list], dict], seed: int = 0, pack_length: Optional[int] = None,
-                 length: Optional[Callable[[dict], int]] = None):
+                 length: Optional[Callable[[dict], int]] = None, start_step: int = 0,
+                 segment_steps: Optional[int] = None, fast_forward: bool = True):
         super().__init__()
         if stage not in cfg.mixture:
             raise ConfigError(f"data.mixture has no entry for stage {stage!r}; it has {sorted(cfg.mixture)}")
         self.cfg, self.stage, self.batch_size, self.seed = cfg.derive(), stage, batch_size, seed  # null: derived
         self.featurize, self.collate = featurize, collate
         self.pack_length, self.length = pack_length, length  # rows of whole samples (stage.pack_length)
-        self.start_step = 0  # set by the trainer script on resume
-        self.segment_steps: Optional[int] = None  # train.py: trainer.checkpoint_every_n_steps
-        self.fast_forward = True  # train.py: trainer.exact_data_resume
+        self.start_step, self.segment_steps, self.fast_forward = start_step, segment_steps, fast_forward
         self.epochs: Optional[int] = None
 
     def sources(self) -> dict[str, list[str]]:

@@ -3,7 +3,8 @@
     python train.py stage=instruct eval.every_n_steps=500 eval.dreambench_root=../shared/dreambench \\
         eval.clip_path=weights/clip-vit-base-patch32 eval.dino_path=weights/dino_deitsmall16_pretrain.pth
 
-Every `eval.every_n_steps` optimizer steps, and once more when training ends, every rank takes
+Every `eval.every_n_steps` optimizer steps, and once more when training ends (`eval.every_n_steps=0`, the
+default, disables validation: stage=instruct then attaches no callback), every rank takes
 the first `eval.subjects` DreamBench subjects x their first `eval.prompts` prompts, generates one
 image per case with the module's current weights (`pl_module.pipeline()`, DPM-Solver++,
 `eval.steps` steps, guidance `eval.guidance`, a fixed seed per case) and logs
@@ -21,7 +22,6 @@ collectives, through `kosmos_g.scale.sharded_call`); global rank 0 alone logs.
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 from contextlib import contextmanager
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
@@ -43,22 +43,6 @@ from kosmos_g.eval.protocols import Generation, SubjectCase, dreambench_cases, e
 from kosmos_g.scale import sharded_call
 
 SCORES = ("DINO", "CLIP-I", "CLIP-T")
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore the torch (CPU and initialised CUDA devices), Python and NumPy random states on exit."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    states = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None, random.getstate(),
-              np.random.get_state())
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        if cuda:
-            torch.cuda.set_rng_state_all(states[1])
-        random.setstate(states[2])
-        np.random.set_state(states[3])
 
 
 @contextmanager
@@ -88,8 +72,9 @@ class ValidationCallback(L.Callback):
     """DreamBench-subset scores every `eval_cfg.every_n_steps` steps and at the end of training.
 
     `pl_module` must have `pipeline()` returning a `KosmosGPipeline` that shares its weights
-    (stage=instruct's `ScoreDistillTuner`). Built directly with `every_n_steps=0`, it validates only at the
-    end of training (stage=instruct attaches it only when eval.every_n_steps > 0).
+    (stage=instruct's `ScoreDistillTuner`, which attaches it only when eval.every_n_steps > 0: 0 disables
+    validation). An instance built directly with `every_n_steps=0` has no periodic validation and still
+    validates once, when training ends.
     CLIP and DINO are loaded once, at the first validation; the paths are checked when fit starts,
     so a wrong path fails at step 0 rather than hours in. `history` keeps (step, scores) of every run.
     """
@@ -170,8 +155,10 @@ class ValidationCallback(L.Callback):
         """Generate, score and log at `trainer.global_step`; returns {"DINO", "CLIP-I", "CLIP-T", "images"}."""
         step, start = trainer.global_step, time.perf_counter()
         cases = self.cases()
-        with preserved_rng(), eval_mode(pl_module), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-            clip, dino = self.backbones()  # building them draws random initial weights: inside preserved_rng
+        # The CUDA states only once CUDA is initialised (reading them would initialise it).
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with isolate_rng(include_cuda=cuda), eval_mode(pl_module), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+            clip, dino = self.backbones()  # building them draws random initial weights: inside isolate_rng
             scores = sharded_call(trainer, lambda: evaluate_dreambench(
                 pl_module.pipeline(), cases, clip, dino, generation=self.generation, grid_dir=tmp,
                 device=pl_module.device, progress=False))

@@ -22,10 +22,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from kosmos_g.assets import SD_TEXT_PARTS, corpus, diffusion_folder, load_text_encoder
+from kosmos_g.assets import corpus, load_text_encoder, stage_diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
 from kosmos_g.data.cache import FeatureCache, open_cache
-from kosmos_g.data.datamodule import KosmosGDataModule
+from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings
 from kosmos_g.data.format import Sample
 from kosmos_g.data.shards import BadSample
 from kosmos_g.models.aligner import AlignerNet
@@ -129,11 +129,12 @@ class AlignerModule(L.LightningModule):
         return {**self.export_sources, "aligner": save_part(self.aligner)}
 
 
-def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
-    """The AlignerModule and its DataModule for this config; `init_export` is the mllm export (or None)."""
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None, resume_step: int | None = None):
+    """The AlignerModule and its DataModule for this config; `init_export` is the mllm export (or None).
+    `resume_step`: the optimizer step train.py starts the data stream at (`resume_settings`)."""
     texts = lambda: corpus(cfg.data)  # noqa: E731 (only read when a tiny tokenizer must be trained)
     mllm, processor, export_sources = load_mllm(cfg, assets, init_export, texts)
-    sd = diffusion_folder(cfg.model, assets, texts, parts=SD_TEXT_PARTS, image_size=cfg.data.vae_image_size)
+    sd = stage_diffusion_folder(cfg, assets)
     text_encoder, clip_tokenizer = load_text_encoder(sd, cfg.model.diffusion_dtype)
     aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=mllm.config.hidden_size,
                                            clip_dim=text_encoder.config.hidden_size)
@@ -148,5 +149,6 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
         raise ConfigError(f"data.clip_text_cache: {e}") from e
     features = AlignFeatures(processor, clip_tokenizer, cfg.model.clip_max_tokens, cfg.data.max_text_tokens, cache)
     module = AlignerModule(mllm, text_encoder, aligner, cfg, export_sources)
-    data = KosmosGDataModule(cfg.data, "align", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    data = KosmosGDataModule(cfg.data, "align", cfg.stage.batch_size, features, features.collate, cfg.seed,
+                             **resume_settings(cfg, resume_step))
     return module, data

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
-from kosmos_g.assets import SD_IMAGE_PARTS, corpus, diffusion_folder
+from kosmos_g.assets import corpus, stage_diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
 from kosmos_g.data.cache import FeatureCache, latents_from_moments, open_cache
-from kosmos_g.data.datamodule import KosmosGDataModule, vae_image_transform
+from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings, vae_image_transform
 from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
 from kosmos_g.data.shards import BadSample
 from kosmos_g.models.aligner import AlignerNet
@@ -214,12 +214,13 @@ class ScoreDistillTuner(L.LightningModule):
         return {".": lambda path: self.pipeline().use_scheduler("dpm++").save_pretrained(path)}
 
 
-def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
-    """The tuner, starting from the align export (MLLM + processor + aligner), and the 1:2:2 DataModule."""
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None, resume_step: int | None = None):
+    """The tuner, starting from the align export (MLLM + processor + aligner), and the 1:2:2 DataModule.
+    `resume_step`: the optimizer step train.py starts the data stream at (`resume_settings`)."""
     texts = lambda: corpus(cfg.data)  # noqa: E731
     mllm, processor, _ = load_mllm(cfg, assets, init_export, texts)
     aligner = AlignerNet.from_pretrained(init_export / "aligner")
-    sd = diffusion_folder(cfg.model, assets, texts, parts=SD_IMAGE_PARTS, image_size=cfg.data.vae_image_size)
+    sd = stage_diffusion_folder(cfg, assets)
     diffusion = FrozenDiffusion.from_pretrained(str(sd), dtype=getattr(torch, cfg.model.diffusion_dtype))
     if aligner.config.clip_dim != diffusion.cross_attention_dim:
         raise ConfigError(f"the aligner in {init_export} outputs width {aligner.config.clip_dim}, but the U-Net in "
@@ -238,5 +239,6 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
             raise ConfigError(f"data.vae_latent_caches.{kind}: {e}") from e
     features = InstructFeatures(processor, cfg.data.vae_image_size, cfg.data.max_text_tokens,
                                 cfg.data.entity_drop_prob, caches)
-    data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed)
+    data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed,
+                             **resume_settings(cfg, resume_step))
     return module, data

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kosmos_g.assets import corpus
 from kosmos_g.config import TrainConfig
-from kosmos_g.data.datamodule import KosmosGDataModule
+from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings
 from kosmos_g.data.format import Sample
 from kosmos_g.data.shards import BadSample
 from kosmos_g.processor import Encoded, KosmosGProcessor, PromptError
@@ -112,11 +112,13 @@ class MultimodalLMModule(L.LightningModule):
         return {"mllm": save_part(self.mllm), "processor": save_part(self.processor)}
 
 
-def build(cfg: TrainConfig, assets: Path, init_export: Path | None):
-    """A freshly initialised MLLM (stage 1 has no predecessor) and the text/caption/interleaved DataModule."""
+def build(cfg: TrainConfig, assets: Path, init_export: Path | None, resume_step: int | None = None):
+    """A freshly initialised MLLM (stage 1 has no predecessor) and the text/caption/interleaved DataModule.
+    `resume_step`: the optimizer step train.py starts the data stream at (`resume_settings`)."""
     mllm, processor, _ = load_mllm(cfg, assets, init_export, lambda: corpus(cfg.data))
     module = MultimodalLMModule(mllm, cfg, processor)
     features = MLLMFeatures(processor, cfg.data.max_text_tokens)
     data = KosmosGDataModule(cfg.data, "mllm", cfg.stage.batch_size, features, features.collate, cfg.seed,
-                             pack_length=cfg.stage.pack_length, length=features.length)
+                             pack_length=cfg.stage.pack_length, length=features.length,
+                             **resume_settings(cfg, resume_step))
     return module, data

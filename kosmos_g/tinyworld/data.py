@@ -1,7 +1,13 @@
-"""Write the tiny world's training shards (every sample kind) through the project's own shard writer."""
+"""Write the tiny world's training shards (every sample kind) through the project's own shard writer.
+
+    python -m kosmos_g.tinyworld.data --out runs/tiny/data [--samples 3000] [--seed 0] [--size 32]
+
+`data=tiny` reads them from `data.root` (default `runs/<run_name>/data`); `make demo` writes its own.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -46,3 +52,23 @@ def write_world_shards(root: str | Path, seed: int = 0, samples: int = 3000, siz
     done.write_text(json.dumps(wanted))
     print(f"[tinyworld] shards in {root} ({time.perf_counter() - t0:.1f} s)")
     return root
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kosmos_g.tinyworld.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="the shards' root: <out>/<kind>/*.tar (data.root)")
+    parser.add_argument("--samples", type=int, default=3000, help="samples per kind (interleaved: half)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (data.vae_image_size)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    write_world_shards(args.out, seed=args.seed, samples=args.samples, size=args.size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

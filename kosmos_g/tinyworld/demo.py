@@ -25,7 +25,6 @@ import torch
 from kosmos_g.config import load_config
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.pipeline import KosmosGPipeline
-from kosmos_g.run import read_scalars
 from kosmos_g.stages.common import load_mllm
 from kosmos_g.stages.instruct import instruction
 from kosmos_g.tinyworld.data import write_world_shards
@@ -44,6 +43,15 @@ FULL = dict(samples=3000, teachers="default", test=200, stages={
     "mllm": (600, 32, []), "align": (1000, 16, []), "instruct": (2000, 8, ["stage.optim.lr=3e-4"])})
 QUICK = dict(samples=150, teachers="quick", test=8, stages={"mllm": (4, 4, []), "align": (4, 4, []),
                                                              "instruct": (4, 4, [])})
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a TensorBoard log folder: tag -> [(step, value), ...] (the demo's summary; the tests)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _fall(logdir: Path, tag: str) -> str:
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     step("world", lambda: write_world_shards(root / "data", seed=0, samples=plan["samples"], size=32))
     teachers = step("teachers", lambda: train_teachers(root / "teachers", seed=0, size=32, budget=plan["teachers"]))
     common = [f"run_name={args.run_name}", f"runs_dir={args.runs_dir}", "model=tiny", "data=tiny", "trainer=cpu",
-              f"model.diffusion_path={teachers / 'sd'}", f"data.tiny_world_samples={plan['samples']}",
+              f"model.diffusion_path={teachers / 'sd'}",
               f"trainer.log_every_n_steps={1 if args.quick else 5}", *vision_overrides(teachers / "clip")]
     for stage, (n, batch, extra) in plan["stages"].items():
         step(f"stage={stage}", lambda: train([f"stage={stage}", f"trainer.max_steps={n}", f"stage.batch_size={batch}",

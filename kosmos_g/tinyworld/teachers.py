@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -52,9 +51,9 @@ from transformers.utils import logging as hf_logging
 
 from kosmos_g.models.diffusion import SD15_SCHEDULER, build_tiny_unet, build_tiny_vae
 from kosmos_g.models.tokenizers import train_clip_tokenizer
-from kosmos_g.tinyworld.oracle import Oracle, all_scenes, degrade, train_oracle
+from kosmos_g.tinyworld.oracle import degrade, train_oracle
 from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images, near_misses, world_data
-from kosmos_g.tinyworld.world import Scene, caption, is_heldout
+from kosmos_g.tinyworld.world import Scene
 
 MANIFEST = "teachers.json"
 CLIP_MAX_TOKENS = 77  # SD v1.5's text length: every caption is padded to it
@@ -462,15 +461,3 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], steps: int =
     chunks = [pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
                    generator=g, output_type="pt").images for i in range(0, len(prompts), batch_size)]
     return torch.cat(chunks).float().clamp(0, 1)
-
-
-def caption_accuracy(teachers: Union[str, Path], split: str = "test", n: int = 100, steps: int = 20,
-                     guidance: float = 5.0, seed: int = 0) -> dict[str, float]:
-    """The SD teacher's caption -> image attribute accuracy on `n` one-object scenes of `split`, by the oracle.
-
-    This is the demo's upper bound: what the frozen decoder can draw when handed the true caption."""
-    pool = [s for s in all_scenes() if is_heldout(s) == (split == "test")]
-    pick = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-    scenes = [pool[i] for i in pick]
-    images = generate(load_pipeline(Path(teachers) / "sd"), [caption(s) for s in scenes], steps, guidance, seed)
-    return Oracle.from_pretrained(Path(teachers) / "oracle").score(images, scenes)

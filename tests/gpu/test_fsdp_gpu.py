@@ -10,20 +10,26 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shutil
 import sys
 
 import pytest
 import torch
 
-from kosmos_g.stages.common import read_steps
+from run_logs import read_steps
 from kosmos_g.train import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.fixture(autouse=True)
+def world(tmp_path, tiny_world):
+    shutil.copytree(tiny_world(200), tmp_path / "world")
+
+
 def overrides(tmp_path, devices: int = 1):
     precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return [f"runs_dir={tmp_path}", "run_name=g", "data.tiny_world_samples=200", "trainer=a100_fsdp",
+    return [f"runs_dir={tmp_path}", "run_name=g", f"data.root={tmp_path / 'world'}", "trainer=a100_fsdp",
             f"trainer.devices={devices}", f"trainer.precision={precision}", "trainer.max_steps=4",
             "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1"]
 
