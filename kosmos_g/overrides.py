@@ -11,6 +11,10 @@ from typing import Any, get_origin, get_type_hints
 
 from kosmos_g.config import CONFIG_DIR, SAMPLE_KINDS, ConfigError, TrainConfig
 
+# Keys that were removed, and what replaced them (an override naming one gets this as its error).
+REMOVED_KEYS = {"model.clip_max_tokens": "model.aligner.num_queries (the U-Net condition length; the CLIP text "
+                                         "length follows it)"}
+
 
 def schema_keys(node: Any = TrainConfig, prefix: str = "") -> list[str]:
     """All dotted keys the schema accepts (used to name the allowed keys in errors)."""
@@ -50,6 +54,8 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
             raise ConfigError(f"Unknown sample kind '{kind}' in override '{ov}'."
                               f"{f' Did you mean {parent}.{guess[0]}?' if guess else ''} "
                               f"Kinds: {', '.join(SAMPLE_KINDS)}.")
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"'{key}' (in override '{ov}') is no longer a setting: set {REMOVED_KEYS[key]}.")
         if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
             continue
         parent = key.rsplit(".", 1)[0] if "." in key else ""

@@ -3,6 +3,7 @@
 import itertools
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_help_and_cfg_job_work():
 def test_paper_aligner_has_the_papers_size_on_meta():
     cfg = load_config(["model=paper"]).model
     with torch.device("meta"):
-        aligner = AlignerNet.from_config_sizes(cfg.aligner, llm_dim=cfg.llm.hidden_size, clip_dim=768)
+        aligner = AlignerNet(llm_dim=cfg.llm.hidden_size, clip_dim=768, **asdict(cfg.aligner))
     m = sum(p.numel() for p in aligner.m_parameters())
     assert 215e6 < m < 235e6, m  # the paper: ≈225M
     assert all(p.is_meta for p in aligner.parameters())
