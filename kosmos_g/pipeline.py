@@ -6,9 +6,9 @@
     image = pipe(["a", dog, "wearing", hat, "on the beach"], generator=torch.Generator().manual_seed(0)).images[0]
 
 The U-Net condition is `condition(mllm, aligner, batch)` = M(MLLM(prompt)) (`models/kosmos_g.py`, shared with
-stage 3) of shape [B, 77, d_clip], the very tensor SD v1.5 gets from its CLIP text encoder. So after `encode_prompt`, sampling is exactly
-`StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...)` (the tests check this to float
-tolerance), and ControlNet / LoRA pipelines for SD v1.5 accept the same embeddings.
+stage 3) of shape [B, 77, d_clip], the very tensor SD v1.5 gets from its CLIP text encoder. So after
+`encode_prompt`, sampling is exactly `StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...)`
+(the tests check this to float tolerance), and ControlNet / LoRA pipelines for SD v1.5 accept the same embeddings.
 
 Classifier-free guidance: the negative condition defaults to the null prompt `<s>` alone, the same null
 condition stage 3 trains with (`condition` of `processor.null_prompt()`); a negative prompt is `<s>` + its

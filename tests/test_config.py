@@ -46,6 +46,14 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
     assert "Unknown config key 'bogus.key'" in msg and "init_from" in msg and "run_name" in msg
 
 
+def test_the_condition_length_is_one_key_and_the_clip_length_follows_it():
+    cfg = load_config(["model.aligner.num_queries=64"])
+    assert cfg.model.clip_max_tokens == cfg.model.aligner.num_queries == 64
+    with pytest.raises(ConfigError, match=r"'model.clip_max_tokens' .* no longer a setting: "
+                                          r"set model.aligner.num_queries"):
+        load_config(["model.clip_max_tokens=64"])
+
+
 def test_typo_gets_a_guess():
     with pytest.raises(ConfigError, match=r"Did you mean 'stage.optim.lr'\?"):
         load_config(["stage.optim.lrr=1e-3"])
