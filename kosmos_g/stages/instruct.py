@@ -113,11 +113,12 @@ class ScoreDistillTuner(StageModule):
         super().__init__(cfg)
         self.processor = processor
         self.mllm, self.aligner, self.diffusion = mllm, aligner, diffusion
-        # What trains, as diffusers' train_text_to_image.py sets it: the MLLM but the ViT's first blocks, and M.
+        # Freezing, explicit as in diffusers' train_text_to_image.py. Trains: the MLLM but the ViT's first blocks,
+        # and M. Frozen: the ViT's first blocks, N (not part of the stage-3 graph), the unet and the vae.
         self.mllm.requires_grad_(True)
         self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
-        self.aligner.lock_reconstruction()  # N is not part of the stage-3 graph
-        self.diffusion.lock()               # unet and vae: no gradients, eval mode, never optimised
+        self.aligner.lock_reconstruction()
+        self.diffusion.lock()  # unet and vae: no gradients, eval mode, never optimised
         self.mllm.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.empty_prompt = processor.collate([processor.null_prompt()])  # the null condition's input, `<s>`
@@ -130,15 +131,15 @@ class ScoreDistillTuner(StageModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.sample_prompts is None:
             self.sample_prompts = batch["prompts"][:4]
-        diffusion = self.diffusion  # the frozen unet, vae and noise_scheduler (models/diffusion.py)
+        diffusion = self.diffusion  # the frozen unet, vae and noise_scheduler; each call below is a few diffusers lines
 
-        # 1. Latents of the target images: a sample of the frozen vae's posterior, x vae scaling_factor
-        #    (drawn from the cached posterior moments when the batch has them: no vae forward then).
+        # 1. Latents of the targets: vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor, no grad
+        #    (drawn from the cached posterior moments instead when the batch has them: no vae forward then).
         if "target_moments" in batch:
             latents = latents_from_moments(batch["target_moments"], diffusion.scaling_factor)
         else:
             latents = diffusion.encode_images(batch["target_pixels"])
-        # 2. Noise: the noise_scheduler's forward process at a uniform random timestep per image.
+        # 2. Noise: noise = randn, timesteps uniform in [0, 1000), noise_scheduler.add_noise(latents, noise, timesteps).
         noisy_latents, noise, timesteps = diffusion.add_noise(latents)
 
         # 3. The condition M(MLLM(x)) [B, 77, d_clip]. The null condition M(MLLM(`<s>`)) is computed at every
@@ -151,7 +152,7 @@ class ScoreDistillTuner(StageModule):
         drop = self.cfg_drop_mask(len(cond))                                          # classifier-free guidance
         encoder_hidden_states = torch.where(drop[:, None, None], null.expand_as(cond), cond)
 
-        # 4. The frozen unet's noise prediction; gradients flow through it into the condition only.
+        # 4. unet(noisy_latents, timesteps, encoder_hidden_states).sample: frozen, gradients reach the condition only.
         model_pred = diffusion.predict_noise(noisy_latents, timesteps, encoder_hidden_states)
         # 5. Loss: MSE to the noise (epsilon prediction), per image, then the batch mean.
         per_sample = F.mse_loss(model_pred, noise, reduction="none").mean(dim=(1, 2, 3))
