@@ -79,9 +79,9 @@ class AlignerModule(StageModule):
 
     def __init__(self, mllm, text_encoder, aligner: AlignerNet, cfg: TrainConfig, export_sources: dict):
         super().__init__(cfg)
-        self.mllm = mllm.lock()                                 # frozen: its states are M's input
+        self.mllm = mllm.lock()                                        # frozen: its states are M's input
         self.text_encoder = text_encoder.requires_grad_(False).eval()  # frozen: its states are M's target
-        self.aligner = aligner.train()                          # the only trainable part (M and N)
+        self.aligner = aligner.train()                                 # the only trainable part (M and N)
         self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.export_sources = export_sources
 

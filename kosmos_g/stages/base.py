@@ -45,11 +45,11 @@ class StageModule(L.LightningModule):
         """{subfolder of the export ("." for the folder itself): a writer `fn(path)`}."""
         raise NotImplementedError
 
-    def log_per_kind(self, prefix: str, losses: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict:
-        """{`prefix``kind`: the weighted mean of `losses` over the entries of that kind} (0 where there are none);
-        `weights[kind]` has the shape of `losses`: 1 on the kind's tokens or samples, 0 elsewhere."""
-        return {f"{prefix}{kind}": (losses.where(w > 0, 0) * w).sum() / w.sum().clamp(min=1)
-                for kind, w in weights.items()}
+
+def means_by_kind(prefix: str, losses: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{`prefix` + kind: the mean of `losses` over the entries of that kind} (0 where there are none), to log;
+    `weights[kind]` has the shape of `losses`: 1 on the kind's tokens or samples, 0 elsewhere."""
+    return {f"{prefix}{kind}": (losses.where(w > 0, 0) * w).sum() / w.sum().clamp(min=1) for kind, w in weights.items()}
 
 
 def encode_or_skip(processor: KosmosGProcessor, segments: list, max_tokens: int, unit: str = "tokens") -> Encoded:

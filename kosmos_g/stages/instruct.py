@@ -31,7 +31,7 @@ from kosmos_g.models.kosmos_g import condition
 from kosmos_g.pipeline import KosmosGPipeline
 from kosmos_g.processor import KosmosGProcessor
 from kosmos_g.scale import sharded_call
-from kosmos_g.stages.base import StageModule, checked_cache, encode_or_skip
+from kosmos_g.stages.base import StageModule, checked_cache, encode_or_skip, means_by_kind
 from kosmos_g.stages.common import load_mllm
 
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the noise schedule
@@ -160,9 +160,9 @@ class ScoreDistillTuner(StageModule):
 
         logs = {"train/loss": loss, "instruct/cfg_dropped": drop.float().mean()}
         bucket = timesteps * TIMESTEP_BUCKETS // diffusion.num_train_timesteps
-        logs |= self.log_per_kind("instruct/loss_t", per_sample, {  # noise-schedule quarters present
+        logs |= means_by_kind("instruct/loss_t", per_sample, {  # noise-schedule quarters present
             str(b): (bucket == b).float() for b in range(TIMESTEP_BUCKETS) if (bucket == b).any()})
-        logs |= self.log_per_kind("instruct/loss_", per_sample, {
+        logs |= means_by_kind("instruct/loss_", per_sample, {
             kind: torch.tensor([k == kind for k in batch["kinds"]], device=self.device).float()
             for kind in sorted(set(batch["kinds"]))})
         self.log_dict(logs, prog_bar=True, batch_size=len(per_sample))

@@ -20,7 +20,7 @@ from kosmos_g.config import TrainConfig
 from kosmos_g.data.datamodule import KosmosGDataModule
 from kosmos_g.data.format import Sample
 from kosmos_g.processor import Encoded, KosmosGProcessor
-from kosmos_g.stages.base import StageModule, encode_or_skip
+from kosmos_g.stages.base import StageModule, encode_or_skip, means_by_kind
 from kosmos_g.stages.common import load_mllm, save_part
 
 
@@ -87,7 +87,7 @@ class MultimodalLMModule(StageModule):
         loss = (token_loss * counted).sum() / tokens
 
         logs = {"train/loss": loss, "train/ppl": math.exp(min(loss.item(), 20.0))}
-        logs |= self.log_per_kind("mllm/loss_", token_loss, {  # each target token counts for its document's kind
+        logs |= means_by_kind("mllm/loss_", token_loss, {  # each target token counts for its document's kind
             kind: counted * (batch["kind_ids"][:, 1:] == k) for k, kind in enumerate(batch["kind_names"])})
         self.log_dict(logs, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
