@@ -88,8 +88,8 @@ def build_parts(preset: str, device: str = "meta", dtype: torch.dtype = torch.fl
                 "vocab_size": 1024, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
                 "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
                 "max_position_embeddings": cfg.clip_max_tokens, **ids}))
-        aligner = AlignerNet.from_config_sizes(cfg.aligner, llm_dim=cfg.llm.hidden_size,
-                                               clip_dim=unet.config.cross_attention_dim)
+        aligner = AlignerNet(llm_dim=cfg.llm.hidden_size, clip_dim=unet.config.cross_attention_dim,
+                             **asdict(cfg.aligner))
     parts = SimpleNamespace(cfg=cfg, mllm=mllm, aligner=aligner, unet=unet, vae=vae, text_encoder=text)
     for m in (mllm, aligner, unet, vae, text):
         m.to(dtype=dtype).eval()

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,7 +109,7 @@ def build_paper(dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
         mllm = build_mllm(cfg.model, VocabStub())
         unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-        aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=cfg.model.llm.hidden_size, clip_dim=768)
+        aligner = AlignerNet(llm_dim=cfg.model.llm.hidden_size, clip_dim=768, **asdict(cfg.model.aligner))
     for m in (mllm, aligner, unet, vae, text_encoder):
         m.to(dtype=dtype).eval()
     return SimpleNamespace(cfg=cfg, mllm=mllm, aligner=aligner, unet=unet, vae=vae, text_encoder=text_encoder)

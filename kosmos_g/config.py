@@ -17,10 +17,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kosmos_g.data.format import SAMPLE_KINDS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("mllm", "align", "instruct")
 RECON_WEIGHTINGS = ("official", "per_sample")
-SAMPLE_KINDS = ("text", "caption", "interleaved", "subject", "edit")
 
 
 class ConfigError(ValueError):
@@ -148,7 +149,8 @@ class AlignerConfig:
     encoder_layers: int = 12
     decoder_layers: int = 12
     num_queries: int = 77
-    """Length of M's output: the CLIP-text sequence length the U-Net expects."""
+    """The U-Net condition length (SD v1.5: 77): M's output rows. The CLIP text length follows it
+    (`model.clip_max_tokens`, derived): stage 2's targets must have as many rows as M's output."""
     max_source_positions: int = 32768
     """Rows of the learned position tables and of N's query table (the original code uses 32768). Positions
     are counted from row 2 (fairseq's convention), so M and N take at most max_source_positions - 2 states."""
@@ -221,21 +223,22 @@ class ModelConfig:
     """A local Stable Diffusion v1.5-layout folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/).
     None builds tiny random components from `tiny_clip_text` into the run's assets folder."""
     tiny_clip_text: TinyClipTextConfig = field(default_factory=TinyClipTextConfig)
-    clip_max_tokens: int = 77
-    """CLIP text length including <bos>/<eos>: captions keep at most 75 tokens, as in the paper."""
     diffusion_dtype: str = "float32"
     """dtype of the frozen U-Net/VAE/CLIP-text (float32, float16, bfloat16): half precision halves their memory."""
     vae_image_size: int = 512
     """The resolution the U-Net/VAE work at (SD v1.5: 512; the tiny preset: 32). `data.vae_image_size` follows
     it unless set, and the tiny random SD folder (`model.diffusion_path=null`) is built for it."""
 
+    @property
+    def clip_max_tokens(self) -> int:
+        """CLIP text length including <bos>/<eos> (captions keep at most 75 tokens, as in the paper): the U-Net
+        condition length, `model.aligner.num_queries`, since M must produce one vector per CLIP token."""
+        return self.aligner.num_queries
+
     def __post_init__(self):
         _check(self.vae_image_size > 0 and self.vae_image_size % 8 == 0,
                f"model.vae_image_size must be a positive multiple of 8 (the VAE downsamples by 8), "
                f"got {self.vae_image_size}")
-        _check(self.clip_max_tokens == self.aligner.num_queries,
-               f"model.clip_max_tokens ({self.clip_max_tokens}) must equal model.aligner.num_queries "
-               f"({self.aligner.num_queries}): M must produce one vector per CLIP token")
         _check(self.aligner.max_source_positions >= self.llm.max_positions + 2,
                f"model.aligner.max_source_positions ({self.aligner.max_source_positions}) must be at least "
                f"model.llm.max_positions + 2 ({self.llm.max_positions + 2}): the aligner's positions start at row 2")

@@ -11,6 +11,13 @@ from typing import Any, get_origin, get_type_hints
 
 from kosmos_g.config import CONFIG_DIR, SAMPLE_KINDS, ConfigError, TrainConfig
 
+# Keys that were removed, and what to do instead (an override naming one gets this as its error).
+_NO_WORLD = ("train.py no longer writes the tiny world: write it first with `python -m kosmos_g.tinyworld.data --out "
+             "<data.root> [--samples N]` (data.root: runs/<run_name>/data)")
+REMOVED_KEYS = {"model.clip_max_tokens": "set model.aligner.num_queries (the U-Net condition length; the CLIP text "
+                                         "length follows it)",
+                "data.generate_tiny_world": _NO_WORLD, "data.tiny_world_samples": _NO_WORLD}
+
 
 def schema_keys(node: Any = TrainConfig, prefix: str = "") -> list[str]:
     """All dotted keys the schema accepts (used to name the allowed keys in errors)."""
@@ -30,11 +37,6 @@ def _field_type(dotted: str) -> Any:
         node = get_type_hints(node)[name]
     return node
 
-
-# Keys that no longer exist, with what replaces them.
-REMOVED = dict.fromkeys(("data.generate_tiny_world", "data.tiny_world_samples"),
-                        "train.py no longer writes the tiny world. Write it first with `python -m "
-                        "kosmos_g.tinyworld.data --out <data.root> [--samples N]` (data.root: runs/<run_name>/data).")
 
 
 def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
@@ -56,8 +58,8 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
             raise ConfigError(f"Unknown sample kind '{kind}' in override '{ov}'."
                               f"{f' Did you mean {parent}.{guess[0]}?' if guess else ''} "
                               f"Kinds: {', '.join(SAMPLE_KINDS)}.")
-        if key in REMOVED:
-            raise ConfigError(f"'{key}' was removed: {REMOVED[key]}")
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"'{key}' (in override '{ov}') is no longer a setting: {REMOVED_KEYS[key]}.")
         if "@" in key or key in allowed or any(key.startswith(k + ".") for k in free_form):
             continue
         parent = key.rsplit(".", 1)[0] if "." in key else ""

@@ -5,10 +5,10 @@
     image = pipe("a <i> on the beach", images=[dog]).images[0]
     image = pipe(["a", dog, "wearing", hat, "on the beach"], generator=torch.Generator().manual_seed(0)).images[0]
 
-The U-Net condition is `condition(mllm, aligner, batch)` = M(MLLM(prompt)) of shape [B, 77, d_clip], the
-very tensor SD v1.5 gets from its CLIP text encoder. So after `encode_prompt`, sampling is exactly
-`StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...)` (the tests check this to float
-tolerance), and ControlNet / LoRA pipelines for SD v1.5 accept the same embeddings.
+The U-Net condition is `condition(mllm, aligner, batch)` = M(MLLM(prompt)) (`models/kosmos_g.py`, shared with
+stage 3) of shape [B, 77, d_clip], the very tensor SD v1.5 gets from its CLIP text encoder. So after
+`encode_prompt`, sampling is exactly `StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...)`
+(the tests check this to float tolerance), and ControlNet / LoRA pipelines for SD v1.5 accept the same embeddings.
 
 Classifier-free guidance: the negative condition defaults to the null prompt `<s>` alone, the same null
 condition stage 3 trains with (`condition` of `processor.null_prompt()`); a negative prompt is `<s>` + its
@@ -46,6 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from kosmos_g.lora import UNetLoraLoaderMixin
 from kosmos_g.models.aligner import AlignerNet
+from kosmos_g.models.kosmos_g import condition
 from kosmos_g.models.mllm import MultimodalLM
 from kosmos_g.processor import KosmosGProcessor, PromptError
 
@@ -64,22 +65,6 @@ SCHEDULERS = {
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
-
-
-def condition(mllm, aligner, batch: dict) -> torch.Tensor:
-    """THE U-Net condition: M(MLLM(prompt)) -> [B, num_queries (77), d_clip].
-
-    `batch` is `KosmosGProcessor.collate(...)` output (input_ids, attention_mask, image_mask, pixel_values) on
-    the models' device. Stage 3 trains through this same function, and its null condition for classifier-free
-    guidance is this function applied to `processor.null_prompt()`, which the pipeline uses as the default
-    negative. A batch without images (pixel_values with 0 rows) takes the MLLM's text-only path.
-    """
-    pixel_values = batch.get("pixel_values")
-    has_images = pixel_values is not None and pixel_values.numel() > 0
-    states = mllm.encode(batch["input_ids"], batch["attention_mask"],
-                         pixel_values=pixel_values if has_images else None,
-                         image_mask=batch.get("image_mask") if has_images else None)
-    return aligner.encode(states.to(aligner.dtype), padding_mask=batch["attention_mask"] == 0)
 
 
 def _as_batch(prompt: Prompt, images: Optional[list] = None) -> list[list]:

@@ -8,6 +8,7 @@ attribute names, so its state dict has exactly the original checkpoint's keys (w
 
 import math
 import warnings
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ M_PREFIXES = ("encoder_proj.", "encoder_query", "encoder.")
 def test_paper_size_keys_are_the_original_checkpoints_without_prefix():
     cfg = load_config(["model=paper"]).model
     with torch.device("meta"):
-        aligner = AlignerNet.from_config_sizes(cfg.aligner, llm_dim=2048, clip_dim=768)
+        aligner = AlignerNet(llm_dim=2048, clip_dim=768, **asdict(cfg.aligner))
     ours = {k: tuple(v.shape) for k, v in aligner.state_dict().items()}
     assert ours == original_keys(llm=2048)
     assert all(p.is_meta for p in aligner.parameters())
@@ -88,7 +89,7 @@ def test_paper_size_parameter_counts():
     """M has the paper's ≈225M parameters (exactly the original's); N adds 251M used in stage 2 only."""
     cfg = load_config(["model=paper"]).model
     with torch.device("meta"):
-        aligner = AlignerNet.from_config_sizes(cfg.aligner, llm_dim=cfg.llm.hidden_size, clip_dim=768)
+        aligner = AlignerNet(llm_dim=cfg.llm.hidden_size, clip_dim=768, **asdict(cfg.aligner))
     keys = original_keys(llm=cfg.llm.hidden_size)
     m_expected = sum(math.prod(s) for k, s in keys.items() if k.startswith(M_PREFIXES))
     n_expected = sum(math.prod(s) for k, s in keys.items() if not k.startswith(M_PREFIXES))

@@ -3,6 +3,7 @@
 import itertools
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,14 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
         load_config(["stage=align", "bogus.key=1"])
     msg = str(e.value)
     assert "Unknown config key 'bogus.key'" in msg and "init_from" in msg and "run_name" in msg
+
+
+def test_the_condition_length_is_one_key_and_the_clip_length_follows_it():
+    cfg = load_config(["model.aligner.num_queries=64"])
+    assert cfg.model.clip_max_tokens == cfg.model.aligner.num_queries == 64
+    with pytest.raises(ConfigError, match=r"'model.clip_max_tokens' .* no longer a setting: "
+                                          r"set model.aligner.num_queries"):
+        load_config(["model.clip_max_tokens=64"])
 
 
 def test_typo_gets_a_guess():
@@ -96,7 +105,7 @@ def test_help_and_cfg_job_work():
 def test_paper_aligner_has_the_papers_size_on_meta():
     cfg = load_config(["model=paper"]).model
     with torch.device("meta"):
-        aligner = AlignerNet.from_config_sizes(cfg.aligner, llm_dim=cfg.llm.hidden_size, clip_dim=768)
+        aligner = AlignerNet(llm_dim=cfg.llm.hidden_size, clip_dim=768, **asdict(cfg.aligner))
     m = sum(p.numel() for p in aligner.m_parameters())
     assert 215e6 < m < 235e6, m  # the paper: ≈225M
     assert all(p.is_meta for p in aligner.parameters())

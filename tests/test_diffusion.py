@@ -96,7 +96,7 @@ def test_add_noise_follows_the_schedule(diffusion):
 
 def test_frozen_weights_only_the_condition_learns(sd_folder):
     m = FrozenDiffusion.from_pretrained(sd_folder)
-    m.freeze()
+    m.lock()
     assert not any(p.requires_grad for p in m.parameters())
     before = {k: v.clone() for k, v in m.state_dict().items()}
     cond = torch.randn(2, 77, DIM, requires_grad=True)

@@ -185,6 +185,15 @@ def test_lock_vision_trains_decoder_connector_last_vit_block_and_norm(model_cfg,
         model.lock_vision(unlocked_last_blocks=3)
 
 
+def test_lock_freezes_everything_and_keeps_eval_mode(model_cfg, tokenizer, processor):
+    model = fresh_model(model_cfg, tokenizer)
+    assert model.lock() is model
+    model.train()
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules())
+    assert model(**make_batch(processor)).loss.requires_grad is False
+
+
 def test_text_only_batch_runs_vision_on_a_dummy_with_zero_effect(model_cfg, tokenizer, processor):
     """FSDP: every rank must run the same modules, also when its batch has no image (issue 16)."""
     model = fresh_model(model_cfg, tokenizer)

@@ -99,3 +99,12 @@ def test_packed_rows_hold_whole_documents_and_train_as_separate_documents(tiny_o
                 k += n
                 assert (alone[0] - packed[i][row == d]).abs().max() < 1e-4
     assert k == images.shape[0]
+
+
+def test_per_kind_means_count_only_their_own_entries():
+    from kosmos_g.stages.base import means_by_kind
+
+    losses = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    means = means_by_kind("x/", losses, {"a": torch.tensor([1.0, 1.0, 0.0, 0.0]), "b": torch.tensor([0.0, 0.0, 1.0, 0.0]),
+                                         "c": torch.zeros(4)})
+    assert {k: v.item() for k, v in means.items()} == {"x/a": 1.5, "x/b": 3.0, "x/c": 0.0}

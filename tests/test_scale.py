@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def tiny():
     root = nn.Module()
     root.mllm = build_mllm(cfg.model, tok)
     root.mllm.lock_vision(1, True)
-    root.aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=64, clip_dim=32)
+    root.aligner = AlignerNet(llm_dim=64, clip_dim=32, **asdict(cfg.model.aligner))
     return root.train()
 
 

@@ -55,3 +55,18 @@ def test_instruct_uses_cached_vae_moments(tiny_overrides, tmp_path, tiny_world):
     module.log_dict = lambda *a, **k: None
     module.diffusion.encode_images = lambda *a, **k: pytest.fail("the VAE encoder ran despite the cache")
     assert torch.isfinite(module.training_step(batch, 0))
+
+
+def test_a_cache_folder_that_is_unfinished_or_made_for_other_settings_is_a_config_error(tmp_path):
+    import json
+    from kosmos_g.stages.base import checked_cache
+
+    assert checked_cache(None, "data.clip_text_cache", "clip-text", "set data.clip_text_cache=null") is None
+    with pytest.raises(ConfigError, match=r"data.clip_text_cache=.* not a finished cache folder; build it with `python "
+                                          r"-m kosmos_g.data.cache clip-text \.\.\.` or set data.clip_text_cache=null"):
+        checked_cache(str(tmp_path), "data.clip_text_cache", "clip-text", "set data.clip_text_cache=null")
+    (tmp_path / "cache.json").write_text(json.dumps({"type": "clip-text", "max_tokens": 77, "hidden_size": 32}))
+    cache = checked_cache(str(tmp_path), "k", "clip-text", "x", type="clip-text", max_tokens=77)
+    assert cache.meta["hidden_size"] == 32
+    with pytest.raises(ConfigError, match=r"data.clip_text_cache: cache .* was made with \{'max_tokens': 77\}"):
+        checked_cache(str(tmp_path), "data.clip_text_cache", "clip-text", "x", type="clip-text", max_tokens=64)

@@ -38,8 +38,9 @@ import torch
 import webdataset as wds
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from kosmos_g.config import AlignerConfig
 from kosmos_g.data.datamodule import vae_image_transform
-from kosmos_g.data.format import KINDS, Sample
+from kosmos_g.data.format import SAMPLE_KINDS, TARGET_KINDS, Sample
 from kosmos_g.data.shards import decode_samples, shard_urls, tar_samples
 
 META = "cache.json"
@@ -134,7 +135,7 @@ class ClipTextTargets:
     """Captions -> CLIP-text last hidden states [max_tokens, d], computed as stage 2 does: the stripped
     text's token ids (with <bos>/<eos>) padded with the pad token to `max_tokens`, no attention mask."""
 
-    def __init__(self, folder: str, max_tokens: int = 77, device: str = "cpu"):
+    def __init__(self, folder: str, max_tokens: int = AlignerConfig.num_queries, device: str = "cpu"):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = Path(folder)
@@ -219,13 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     clip = sub.add_parser("clip-text", help="CLIP-text targets of the captions (stage 2)")
     clip.add_argument("--text-encoder", required=True,
                       help="local folder: a Stable Diffusion folder (text_encoder/, tokenizer/) or a CLIP text model+tokenizer")
-    clip.add_argument("--max-tokens", type=int, default=77, help="CLIP length incl. <bos>/<eos> (model.clip_max_tokens)")
+    clip.add_argument("--max-tokens", type=int, default=AlignerConfig.num_queries,
+                      help="CLIP length incl. <bos>/<eos>: the U-Net condition length, model.aligner.num_queries "
+                           f"(default {AlignerConfig.num_queries})")
     vae = sub.add_parser("vae-latents", help="VAE posterior moments of the target images (stage 3)")
     vae.add_argument("--sd", required=True, help="local Stable Diffusion-layout folder with vae/")
     vae.add_argument("--size", type=int, required=True, help="target crop size (data.vae_image_size)")
     for p, default_kind in ((clip, "caption"), (vae, "caption")):
         p.add_argument("--shards", required=True, help="the shard set: folder of .tar, brace pattern or path")
-        p.add_argument("--kind", default=default_kind, choices=KINDS, help=f"its sample kind (default {default_kind})")
+        p.add_argument("--kind", default=default_kind, choices=SAMPLE_KINDS,
+                       help=f"its sample kind (default {default_kind})")
         p.add_argument("--out", required=True, help="output folder for the sidecar shards")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(model_dir):
         print(f"error: {model_dir}: no such folder (nothing is downloaded; give a local model folder)", file=sys.stderr)
         return 2
-    if args.command == "vae-latents" and args.kind not in ("caption", "subject", "edit"):
+    if args.command == "vae-latents" and args.kind not in TARGET_KINDS:
         print(f"error: {args.kind!r} samples have no target image to encode", file=sys.stderr)
         return 2
     try:

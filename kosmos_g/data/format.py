@@ -22,7 +22,8 @@ from typing import Optional, Union
 
 from PIL import Image
 
-KINDS = ("text", "caption", "interleaved", "subject", "edit")
+SAMPLE_KINDS = ("text", "caption", "interleaved", "subject", "edit")
+TARGET_KINDS = ("caption", "subject", "edit")  # the kinds with a target image
 
 
 @dataclass
@@ -61,11 +62,11 @@ class Sample:
     key: str = ""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown sample kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind not in SAMPLE_KINDS:
+            raise ValueError(f"unknown sample kind {self.kind!r}; expected one of {', '.join(SAMPLE_KINDS)}")
         if not self.segments:
             raise ValueError(f"sample {self.key!r} ({self.kind}) has no segments")
-        needs_target = self.kind in ("caption", "subject", "edit")
+        needs_target = self.kind in TARGET_KINDS
         if needs_target != (self.target is not None):
             raise ValueError(f"sample {self.key!r}: kind {self.kind!r} "
                              f"{'needs' if needs_target else 'takes no'} target image")

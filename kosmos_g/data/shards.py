@@ -37,7 +37,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from kosmos_g.data.format import KINDS, Entity, InputCaption, Sample, SubjectImage
+from kosmos_g.data.format import SAMPLE_KINDS, TARGET_KINDS, Entity, InputCaption, Sample, SubjectImage
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def check_sample(sample: Sample, max_chars: Optional[int] = MAX_CHARS) -> None:
         if not (len(body) == 2 and isinstance(body[0], Image.Image) and isinstance(body[1], str)):
             raise BadSample("bad_layout", "an edit sample is [input caption (optional), source image, "
                             "instruction]")
-    if kind in ("caption", "subject", "edit") and max_chars is not None:
+    if kind in TARGET_KINDS and max_chars is not None:
         if len(sample.text) > max_chars:
             raise BadSample("text_too_long", f"{len(sample.text)} > max_chars={max_chars} characters")
 
@@ -223,8 +223,8 @@ def _json_segments(raw: dict, kind: str) -> list:
 def decode_sample(raw: dict, kind: str, max_chars: Optional[int] = MAX_CHARS) -> Sample:
     """Parse one raw webdataset sample (members as bytes) of shards of `kind` into a Sample.
     Pure (no I/O, no counters); raises BadSample(reason) for any corrupt or unusable sample."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(SAMPLE_KINDS)}")
     key = str(raw.get("__key__", ""))
     target = None
     if kind in ("text", "caption"):
@@ -269,8 +269,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str, prefix: str, kind: str
     A new shard starts after `max_samples_per_shard` samples or `max_shard_bytes` bytes. Samples
     without a key get their index (`000000042`). Samples the reader would reject (empty or too
     long text) are skipped and counted; a sample of another kind is a ValueError."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(SAMPLE_KINDS)}")
     if not prefix or any(c in prefix for c in "/\\%."):
         raise ValueError(f"prefix {prefix!r} must be a plain file name stem (no '/', '%' or '.')")
     if max_samples_per_shard < 1:
@@ -381,8 +381,8 @@ def read_shards(urls, kind: str, handler_counts: Optional[Counter] = None,
     into `handler_counts` (in the process that iterates: DataLoader workers keep their own copy);
     an unreadable or truncated shard counts once as "bad_tar". A DataModule can assemble the same
     stages itself: shard list, `tar_samples`, its shuffle, `decode_samples`, its transforms."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(SAMPLE_KINDS)}")
     counts = handler_counts if handler_counts is not None else Counter()
     return wds.DataPipeline(
         wds.SimpleShardList(shard_urls(urls)),

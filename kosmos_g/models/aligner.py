@@ -261,11 +261,3 @@ class AlignerNet(ModelMixin, ConfigMixin):
                              f"expected {(condition.shape[0], length)}")
         queries = self.decoder_query[:length].unsqueeze(0).expand(condition.shape[0], -1, -1)
         return self.decoder_proj(self.decoder(queries, condition))
-
-    @classmethod
-    def from_config_sizes(cls, cfg, llm_dim: int, clip_dim: int) -> "AlignerNet":
-        """Build from an `AlignerConfig`; widths come from the models it connects."""
-        return cls(llm_dim=llm_dim, clip_dim=clip_dim, num_heads=cfg.num_heads, ffn_size=cfg.ffn_size,
-                   encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-                   num_queries=cfg.num_queries, max_source_positions=cfg.max_source_positions,
-                   dropout=cfg.dropout, query_init_std=cfg.query_init_std)

@@ -55,7 +55,7 @@ class FrozenDiffusion(nn.Module):
         self.unet = unet if unet.dtype == dtype else unet.to(dtype)
         self.vae = vae if vae.dtype == dtype else vae.to(dtype)
         self.noise_scheduler = noise_scheduler  # not a Module: holds no trainable state
-        self.freeze()
+        self.lock()
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "FrozenDiffusion":
@@ -82,8 +82,9 @@ class FrozenDiffusion(nn.Module):
 
     # -- freezing --------------------------------------------------------------------------------------
 
-    def freeze(self) -> "FrozenDiffusion":
-        """No gradients into the U-Net/VAE weights and eval mode (no dropout); called by `__init__`."""
+    def lock(self) -> "FrozenDiffusion":
+        """No gradients into the U-Net/VAE weights and eval mode (no dropout), kept under `.train()`; called by
+        `__init__`, and by stage 3 to say so where it sets what trains."""
         for module in (self.unet, self.vae):
             module.requires_grad_(False)
             module.eval()

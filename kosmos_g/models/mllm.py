@@ -87,6 +87,7 @@ class MultimodalLM(Kosmos2ForConditionalGeneration):
         super().__init__(config)
         self.text_model.model.__class__ = PackedTextTransformer  # same weights; also takes per-document masks
         self._frozen_vision: list[str] = []  # submodules kept in eval mode by `train()`; filled by `lock_vision`
+        self._locked = False  # all of it frozen and in eval mode (`lock`)
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -205,8 +206,15 @@ class MultimodalLM(Kosmos2ForConditionalGeneration):
             module.requires_grad_(name in unlocked)
         self.train(self.training)  # put the newly frozen modules into eval mode now
 
+    def lock(self) -> "MultimodalLM":
+        """Freeze all of it, kept in eval mode under `.train()` (stage 2: its states are the aligner's input).
+        Not saved: call again after `from_pretrained`."""
+        self.requires_grad_(False)
+        self._locked = True
+        return self.eval()
+
     def train(self, mode: bool = True) -> "MultimodalLM":
-        super().train(mode)
+        super().train(mode and not getattr(self, "_locked", False))
         for name in getattr(self, "_frozen_vision", []):
             self.vision_model.model.get_submodule(name).eval()
         return self

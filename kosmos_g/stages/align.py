@@ -16,21 +16,22 @@ Only AlignerNet (M and N) trains; the MLLM and the CLIP text encoder are frozen 
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from kosmos_g.assets import corpus, load_text_encoder, stage_diffusion_folder
-from kosmos_g.config import ConfigError, TrainConfig
-from kosmos_g.data.cache import FeatureCache, open_cache
+from kosmos_g.config import TrainConfig
+from kosmos_g.data.cache import FeatureCache
 from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings
 from kosmos_g.data.format import Sample
 from kosmos_g.data.shards import BadSample
 from kosmos_g.models.aligner import AlignerNet
-from kosmos_g.processor import KosmosGProcessor, PromptError
-from kosmos_g.stages.common import configure_adamw, freeze, load_mllm, save_part, trainable_state_dict
+from kosmos_g.processor import KosmosGProcessor
+from kosmos_g.stages.base import StageModule, checked_cache, encode_or_skip
+from kosmos_g.stages.common import load_mllm, save_part
 
 
 class AlignFeatures:
@@ -47,12 +48,7 @@ class AlignFeatures:
         clip_ids = self.clip_tokenizer(text).input_ids
         if len(clip_ids) > self.clip_max_tokens:  # the paper keeps captions of <= 75 CLIP tokens
             raise BadSample("too_long", f"{len(clip_ids)} CLIP tokens")
-        try:
-            encoded = self.processor([text])
-        except PromptError as e:
-            raise BadSample("too_long", str(e)) from None
-        if len(encoded.input_ids) > self.max_text_tokens:
-            raise BadSample("too_long", f"{len(encoded.input_ids)} MLLM tokens")
+        encoded = encode_or_skip(self.processor, [text], self.max_text_tokens, unit="MLLM tokens")
         pad = self.clip_tokenizer.pad_token_id
         return {"encoded": encoded,
                 "clip_input_ids": torch.tensor(clip_ids + [pad] * (self.clip_max_tokens - len(clip_ids))),
@@ -78,22 +74,16 @@ def reconstruction_loss(recon: torch.Tensor, states: torch.Tensor, attention_mas
     return per_caption.mean(), (per_caption * num_queries / lengths).mean()
 
 
-class AlignerModule(L.LightningModule):
+class AlignerModule(StageModule):
+    eval_parts = ("text_encoder",)  # frozen, never in train mode (the locked MLLM keeps itself in eval)
+
     def __init__(self, mllm, text_encoder, aligner: AlignerNet, cfg: TrainConfig, export_sources: dict):
-        super().__init__()
-        self.cfg = cfg
-        self.mllm = freeze(mllm)
-        self.text_encoder = freeze(text_encoder)
-        self.aligner = aligner.train()  # the only trainable part
+        super().__init__(cfg)
+        self.mllm = mllm.lock()                                        # frozen: its states are M's input
+        self.text_encoder = text_encoder.requires_grad_(False).eval()  # frozen: its states are M's target
+        self.aligner = aligner.train()                                 # the only trainable part (M and N)
         self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
         self.export_sources = export_sources
-        self.strict_loading = False  # checkpoints hold the aligner only; frozen parts come from their exports
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.mllm.eval()  # frozen parts never switch to train mode (dropout stays off)
-        self.text_encoder.eval()
-        return self
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         attention_mask = batch["attention_mask"]
@@ -110,19 +100,13 @@ class AlignerModule(L.LightningModule):
 
         recon = self.aligner.reconstruct(condition, s.shape[1])                          # N(M(s)): [B, L, d_llm]
         recon_mse, recon_loss = reconstruction_loss(recon.float(), s.float(), attention_mask,
-                                                    self.cfg.model.clip_max_tokens, self.cfg.stage.recon_weighting)
+                                                    self.cfg.model.aligner.num_queries, self.cfg.stage.recon_weighting)
 
         loss = self.cfg.stage.target_weight * target_mse + self.cfg.stage.recon_weight * recon_loss
         cosine = F.cosine_similarity(condition.detach(), target, dim=-1).mean()
         self.log_dict({"train/loss": loss, "align/target_mse": target_mse, "align/recon_mse": recon_mse,
                        "align/recon_loss": recon_loss, "align/cosine": cosine}, prog_bar=True)
         return loss
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
 
     def export_parts(self) -> dict:
         """What stage 3 needs: the MLLM it was aligned to, its processor, and the aligner."""
@@ -136,17 +120,12 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None, resume_step:
     mllm, processor, export_sources = load_mllm(cfg, assets, init_export, texts)
     sd = stage_diffusion_folder(cfg, assets)
     text_encoder, clip_tokenizer = load_text_encoder(sd, cfg.model.diffusion_dtype)
-    aligner = AlignerNet.from_config_sizes(cfg.model.aligner, llm_dim=mllm.config.hidden_size,
-                                           clip_dim=text_encoder.config.hidden_size)
-    cache = open_cache(cfg.data.clip_text_cache)
-    if cfg.data.clip_text_cache and cache is None:
-        raise ConfigError(f"data.clip_text_cache={cfg.data.clip_text_cache} is not a finished cache folder; build it "
-                          "with `python -m kosmos_g.data.cache clip-text ...` or set data.clip_text_cache=null")
-    try:
-        if cache is not None:
-            cache.check(type="clip-text", hidden_size=text_encoder.config.hidden_size)
-    except ValueError as e:
-        raise ConfigError(f"data.clip_text_cache: {e}") from e
+    # The widths come from the models it connects, everything else from model.aligner.
+    aligner = AlignerNet(llm_dim=mllm.config.hidden_size, clip_dim=text_encoder.config.hidden_size,
+                         **asdict(cfg.model.aligner))
+    cache = checked_cache(cfg.data.clip_text_cache, "data.clip_text_cache", "clip-text",
+                          "set data.clip_text_cache=null", type="clip-text", max_tokens=cfg.model.clip_max_tokens,
+                          hidden_size=text_encoder.config.hidden_size)
     features = AlignFeatures(processor, clip_tokenizer, cfg.model.clip_max_tokens, cfg.data.max_text_tokens, cache)
     module = AlignerModule(mllm, text_encoder, aligner, cfg, export_sources)
     data = KosmosGDataModule(cfg.data, "align", cfg.stage.batch_size, features, features.collate, cfg.seed,

@@ -20,12 +20,6 @@ from kosmos_g.run import copy_part
 _NO_DECAY = ("bias", "norm", "embed", "pos", "queries", "latent_query")
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """No gradients, eval mode. Frozen modules never reach the optimiser, so they get no Adam state."""
-    module.requires_grad_(False)
-    return module.eval()
-
-
 # Wrappers FSDP and activation checkpointing insert into parameter names (state dicts do not have them).
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

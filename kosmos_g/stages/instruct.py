@@ -16,23 +16,23 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from kosmos_g.assets import corpus, stage_diffusion_folder
 from kosmos_g.config import ConfigError, TrainConfig
-from kosmos_g.data.cache import FeatureCache, latents_from_moments, open_cache
+from kosmos_g.data.cache import FeatureCache, latents_from_moments
 from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings, vae_image_transform
 from kosmos_g.data.format import Entity, InputCaption, Sample, SubjectImage
-from kosmos_g.data.shards import BadSample
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.diffusion import FrozenDiffusion
-from kosmos_g.pipeline import KosmosGPipeline, condition
-from kosmos_g.processor import KosmosGProcessor, PromptError
+from kosmos_g.models.kosmos_g import condition
+from kosmos_g.pipeline import KosmosGPipeline
+from kosmos_g.processor import KosmosGProcessor
 from kosmos_g.scale import sharded_call
-from kosmos_g.stages.common import configure_adamw, load_mllm, trainable_state_dict
+from kosmos_g.stages.base import StageModule, checked_cache, encode_or_skip, means_by_kind
+from kosmos_g.stages.common import load_mllm
 
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the noise schedule
 
@@ -91,12 +91,7 @@ class InstructFeatures:
 
     def __call__(self, sample: Sample, rng: random.Random) -> dict:
         prompt = instruction(sample, rng, self.entity_drop_prob)
-        try:
-            encoded = self.processor(prompt)
-        except PromptError as e:
-            raise BadSample("too_long", str(e)) from None
-        if len(encoded.input_ids) > self.max_text_tokens:
-            raise BadSample("too_long", f"{len(encoded.input_ids)} tokens")
+        encoded = encode_or_skip(self.processor, prompt, self.max_text_tokens)
         cache = self.caches.get(sample.kind)
         return {"encoded": encoded, "target": self.target_transform(sample.target.convert("RGB")),
                 "moments": cache.get(sample.key) if cache is not None else None,
@@ -112,22 +107,22 @@ class InstructFeatures:
         return batch
 
 
-class ScoreDistillTuner(L.LightningModule):
+class ScoreDistillTuner(StageModule):
     def __init__(self, mllm, processor: KosmosGProcessor, aligner: AlignerNet, diffusion: FrozenDiffusion,
                  cfg: TrainConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.processor = processor
-        self.mllm = mllm.requires_grad_(True)
+        self.mllm, self.aligner, self.diffusion = mllm, aligner, diffusion
+        # Freezing, explicit as in diffusers' train_text_to_image.py. Trains: the MLLM but the ViT's first blocks,
+        # and M. Frozen: the ViT's first blocks, N (not part of the stage-3 graph), the unet and the vae.
+        self.mllm.requires_grad_(True)
         self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
+        self.aligner.lock_reconstruction()
+        self.diffusion.lock()  # unet and vae: no gradients, eval mode, never optimised
         self.mllm.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
-        self.aligner = aligner
-        self.aligner.lock_reconstruction()  # only M trains: N is not part of the stage-3 graph
         self.aligner.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
-        self.diffusion = diffusion.freeze()  # U-Net and VAE: no gradients, eval mode, never optimised
         self.empty_prompt = processor.collate([processor.null_prompt()])  # the null condition's input, `<s>`
         self.sample_prompts: list | None = None  # fixed at the first batch, reused for every sample grid
-        self.strict_loading = False
 
     def cfg_drop_mask(self, batch_size: int) -> torch.Tensor:
         """True where the condition is replaced by the null one (probability `stage.cfg_dropout`)."""
@@ -136,33 +131,40 @@ class ScoreDistillTuner(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.sample_prompts is None:
             self.sample_prompts = batch["prompts"][:4]
-        if "target_moments" in batch:                                             # cached VAE posterior
-            latents = latents_from_moments(batch["target_moments"], self.diffusion.scaling_factor)
-        else:
-            latents = self.diffusion.encode_images(batch["target_pixels"])       # frozen VAE, no grad
-        noisy, noise, timesteps = self.diffusion.add_noise(latents)
+        diffusion = self.diffusion  # the frozen unet, vae and noise_scheduler; each call below is a few diffusers lines
 
-        # The null condition M(MLLM(`<s>`)) is computed at every step, as one more row of the same forward, and
-        # broadcast to the dropped conditions: under FSDP every forward all-gathers, so every rank must run the
-        # same forwards whatever its random drops (an extra pass on some ranks only deadlocks the collectives).
+        # 1. Latents of the targets: vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor, no grad
+        #    (drawn from the cached posterior moments instead when the batch has them: no vae forward then).
+        if "target_moments" in batch:
+            latents = latents_from_moments(batch["target_moments"], diffusion.scaling_factor)
+        else:
+            latents = diffusion.encode_images(batch["target_pixels"])
+        # 2. Noise: noise = randn, timesteps uniform in [0, 1000), noise_scheduler.add_noise(latents, noise, timesteps).
+        noisy_latents, noise, timesteps = diffusion.add_noise(latents)
+
+        # 3. The condition M(MLLM(x)) [B, 77, d_clip]. The null condition M(MLLM(`<s>`)) is computed at every
+        #    step, as one more row of the same forward, and broadcast to the dropped conditions: under FSDP every
+        #    forward all-gathers, so every rank must run the same forwards whatever its random drops (an extra
+        #    pass on some ranks only deadlocks the collectives). The null condition trains as well.
         rows = with_row(batch, self.empty_prompt, self.processor.tokenizer.pad_token_id)
         both = condition(self.mllm, self.aligner, rows)                              # [B + 1, 77, d_clip]
-        cond, null = both[:-1], both[-1:]                                             # null is trained as well
-        drop = self.cfg_drop_mask(len(cond))
-        cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
+        cond, null = both[:-1], both[-1:]
+        drop = self.cfg_drop_mask(len(cond))                                          # classifier-free guidance
+        encoder_hidden_states = torch.where(drop[:, None, None], null.expand_as(cond), cond)
 
-        eps = self.diffusion.predict_noise(noisy, timesteps, cond)
-        per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
+        # 4. unet(noisy_latents, timesteps, encoder_hidden_states).sample: frozen, gradients reach the condition only.
+        model_pred = diffusion.predict_noise(noisy_latents, timesteps, encoder_hidden_states)
+        # 5. Loss: MSE to the noise (epsilon prediction), per image, then the batch mean.
+        per_sample = F.mse_loss(model_pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = per_sample.mean()
 
         logs = {"train/loss": loss, "instruct/cfg_dropped": drop.float().mean()}
-        bucket = timesteps * TIMESTEP_BUCKETS // self.diffusion.num_train_timesteps
-        for b in range(TIMESTEP_BUCKETS):
-            if (bucket == b).any():
-                logs[f"instruct/loss_t{b}"] = per_sample[bucket == b].mean()
-        for kind in sorted(set(batch["kinds"])):
-            rows = torch.tensor([k == kind for k in batch["kinds"]], device=self.device)
-            logs[f"instruct/loss_{kind}"] = per_sample[rows].mean()
+        bucket = timesteps * TIMESTEP_BUCKETS // diffusion.num_train_timesteps
+        logs |= means_by_kind("instruct/loss_t", per_sample, {  # noise-schedule quarters present
+            str(b): (bucket == b).float() for b in range(TIMESTEP_BUCKETS) if (bucket == b).any()})
+        logs |= means_by_kind("instruct/loss_", per_sample, {
+            kind: torch.tensor([k == kind for k in batch["kinds"]], device=self.device).float()
+            for kind in sorted(set(batch["kinds"]))})
         self.log_dict(logs, prog_bar=True, batch_size=len(per_sample))
         return loss
 
@@ -203,12 +205,6 @@ class ScoreDistillTuner(L.LightningModule):
 
         return [ValidationCallback(self.cfg.eval)]
 
-    def configure_optimizers(self):
-        return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
-
     def export_parts(self) -> dict:
         """The export is a whole `KosmosGPipeline` folder (sampling with DPM-Solver++ by default)."""
         return {".": lambda path: self.pipeline().use_scheduler("dpm++").save_pretrained(path)}
@@ -227,16 +223,9 @@ def build(cfg: TrainConfig, assets: Path, init_export: Path | None, resume_step:
                           f"{sd} attends to width {diffusion.cross_attention_dim}: run stage=align against the "
                           "same model.diffusion_path as stage=instruct")
     module = ScoreDistillTuner(mllm, processor, aligner, diffusion, cfg)
-    caches = {}
-    for kind, folder in cfg.data.vae_latent_caches.items():
-        caches[kind] = open_cache(folder)
-        if caches[kind] is None:
-            raise ConfigError(f"data.vae_latent_caches.{kind}={folder} is not a finished cache folder; build it with "
-                              "`python -m kosmos_g.data.cache vae-latents ...` or remove the entry")
-        try:
-            caches[kind].check(type="vae-latents", size=cfg.data.vae_image_size)
-        except ValueError as e:
-            raise ConfigError(f"data.vae_latent_caches.{kind}: {e}") from e
+    caches = {kind: checked_cache(folder, f"data.vae_latent_caches.{kind}", "vae-latents", "remove the entry",
+                                  type="vae-latents", size=cfg.data.vae_image_size)
+              for kind, folder in cfg.data.vae_latent_caches.items()}
     features = InstructFeatures(processor, cfg.data.vae_image_size, cfg.data.max_text_tokens,
                                 cfg.data.entity_drop_prob, caches)
     data = KosmosGDataModule(cfg.data, "instruct", cfg.stage.batch_size, features, features.collate, cfg.seed,

@@ -12,7 +12,6 @@ import math
 import random
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +19,9 @@ from kosmos_g.assets import corpus
 from kosmos_g.config import TrainConfig
 from kosmos_g.data.datamodule import KosmosGDataModule, resume_settings
 from kosmos_g.data.format import Sample
-from kosmos_g.data.shards import BadSample
-from kosmos_g.processor import Encoded, KosmosGProcessor, PromptError
-from kosmos_g.stages.common import configure_adamw, load_mllm, save_part, trainable_state_dict
+from kosmos_g.processor import Encoded, KosmosGProcessor
+from kosmos_g.stages.base import StageModule, encode_or_skip, means_by_kind
+from kosmos_g.stages.common import load_mllm, save_part
 
 
 class MLLMFeatures:
@@ -33,13 +32,7 @@ class MLLMFeatures:
 
     def __call__(self, sample: Sample, rng: random.Random) -> dict:
         segments = [sample.target, sample.text] if sample.kind == "caption" else list(sample.segments)
-        try:
-            encoded = self.processor(segments)
-        except PromptError as e:  # longer than the context: skip and count, as any bad sample
-            raise BadSample("too_long", str(e)) from None
-        if len(encoded.input_ids) > self.max_text_tokens:
-            raise BadSample("too_long", f"{len(encoded.input_ids)} tokens")
-        return {"encoded": encoded, "kind": sample.kind}
+        return {"encoded": encode_or_skip(self.processor, segments, self.max_text_tokens), "kind": sample.kind}
 
     @staticmethod
     def length(features: dict) -> int:
@@ -69,16 +62,14 @@ class MLLMFeatures:
         return out
 
 
-class MultimodalLMModule(L.LightningModule):
+class MultimodalLMModule(StageModule):
     def __init__(self, mllm, cfg: TrainConfig, processor: KosmosGProcessor | None = None):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.processor = processor  # exported beside the MLLM for the later stages
         self.mllm = mllm
-        self.mllm.requires_grad_(True)
+        self.mllm.requires_grad_(True)  # all of it trains but the ViT's first blocks (checkpoints skip those)
         self.mllm.lock_vision(cfg.model.vision.unlocked_last_blocks, cfg.model.vision.unlock_final_norm)
         self.mllm.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
-        self.strict_loading = False  # checkpoints skip the frozen ViT blocks
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.mllm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
@@ -96,17 +87,10 @@ class MultimodalLMModule(L.LightningModule):
         loss = (token_loss * counted).sum() / tokens
 
         logs = {"train/loss": loss, "train/ppl": math.exp(min(loss.item(), 20.0))}
-        for k, kind in enumerate(batch["kind_names"]):  # each target token counts for its document's kind
-            of_kind = counted * (batch["kind_ids"][:, 1:] == k)
-            logs[f"mllm/loss_{kind}"] = (token_loss * of_kind).sum() / of_kind.sum().clamp(min=1)
+        logs |= means_by_kind("mllm/loss_", token_loss, {  # each target token counts for its document's kind
+            kind: counted * (batch["kind_ids"][:, 1:] == k) for k, kind in enumerate(batch["kind_names"])})
         self.log_dict(logs, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.cfg.stage.optim, self.cfg.trainer.max_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
 
     def export_parts(self) -> dict:
         return {"mllm": save_part(self.mllm), "processor": save_part(self.processor)}

@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -78,8 +79,8 @@ def initial_pipeline(overrides: list[str], trained: KosmosGPipeline) -> KosmosGP
     L.seed_everything(cfg.seed, verbose=False)
     assets = Path(cfg.runs_dir) / cfg.run_name / "assets"
     mllm, processor, _ = load_mllm(cfg, assets, None, lambda: iter(()))  # the tokenizer is cached by now
-    aligner = AlignerNet.from_config_sizes(cfg.model.aligner, mllm.config.hidden_size,
-                                           trained.unet.config.cross_attention_dim)
+    aligner = AlignerNet(llm_dim=mllm.config.hidden_size, clip_dim=trained.unet.config.cross_attention_dim,
+                         **asdict(cfg.model.aligner))
     return KosmosGPipeline(mllm=mllm.eval(), processor=processor, aligner=aligner.eval(), unet=trained.unet,
                            vae=trained.vae, scheduler=trained.scheduler)
 

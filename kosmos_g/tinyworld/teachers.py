@@ -49,6 +49,7 @@ from diffusers.utils import is_accelerate_available
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
+from kosmos_g.config import AlignerConfig
 from kosmos_g.models.diffusion import SD15_SCHEDULER, build_tiny_unet, build_tiny_vae
 from kosmos_g.models.tokenizers import train_clip_tokenizer
 from kosmos_g.tinyworld.oracle import degrade, train_oracle
@@ -56,7 +57,7 @@ from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images
 from kosmos_g.tinyworld.world import Scene
 
 MANIFEST = "teachers.json"
-CLIP_MAX_TOKENS = 77  # SD v1.5's text length: every caption is padded to it
+CLIP_MAX_TOKENS = AlignerConfig.num_queries  # the U-Net condition length (SD v1.5: 77): captions are padded to it
 # diffusers asks for `accelerate` unless told not to use low_cpu_mem_usage (as models/diffusion.py does).
 LOAD_KW = dict(local_files_only=True, low_cpu_mem_usage=is_accelerate_available())
 

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from kosmos_g.data.format import KINDS, Entity, InputCaption, Sample, SubjectImage
+from kosmos_g.data.format import SAMPLE_KINDS, Entity, InputCaption, Sample, SubjectImage
 
 # ---- 1. Attributes ---------------------------------------------------------------------------
 
@@ -273,7 +273,7 @@ def _rng(seed: int, kind: str, n: int, split: str = "train") -> np.random.Genera
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     # Mixing the kind in keeps generators that share a seed independent of each other.
-    return np.random.default_rng([int(seed), KINDS.index(kind)])
+    return np.random.default_rng([int(seed), SAMPLE_KINDS.index(kind)])
 
 
 def _sentence(rng: np.random.Generator, scene: Scene) -> str:
