@@ -24,7 +24,7 @@ from PIL import Image
 from kosmos_g.app import MAX_IMAGES, KosmosGApp, launch, load_examples, main
 from kosmos_g.pipeline import build_tiny_pipeline
 from kosmos_g.tinyworld.demo import save_app_examples
-from test_lora import write_random_lora
+from tests.test_lora import write_random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -7,8 +7,6 @@ trainable parameters only, and the memory plan. FSDP training itself runs in tes
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextBlock, Kosmos2VisionEncoderLayer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
-from benchmarks import memory_plan  # noqa: E402
+from benchmarks import memory_plan
 from kosmos_g.config import ConfigError, load_config
 from kosmos_g.models.aligner import AlignerDecoderLayer, AlignerEncoderLayer
 from kosmos_g.scale import build_strategy, ignored_modules, layer_classes, prepare_module

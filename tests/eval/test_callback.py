@@ -30,7 +30,7 @@ from kosmos_g.eval.metrics import (TINY_DINO_KWARGS, dino_kwargs_file, load_dino
 from kosmos_g.pipeline import KosmosGPipeline, build_tiny_pipeline
 from kosmos_g.run import read_scalars
 
-SHARED = Path(__file__).parents[1].parent / "shared" / "dreambench"
+SHARED = Path(__file__).parents[2].parent / "shared" / "dreambench"
 needs_shared = pytest.mark.skipif(not (SHARED / PROMPTS_FILE).is_file(), reason=f"{SHARED} not present")
 SCALARS = ("val/DINO", "val/CLIP-I", "val/CLIP-T")
 

@@ -3,9 +3,6 @@ equivalence with transformers' Kosmos2Model, paper size."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,10 +13,8 @@ from PIL import Image
 from kosmos_g.config import load_config
 from kosmos_g.models.mllm import MultimodalLM, build_mllm
 from kosmos_g.models.tokenizers import IMAGE_START, train_clip_tokenizer, train_mllm_tokenizer
+from benchmarks.memory_plan import VocabStub
 from kosmos_g.processor import KosmosGProcessor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
-from benchmarks.memory_plan import VocabStub  # noqa: E402
 
 CORPUS = ["a red circle next to a blue square", "a green triangle on the grass", "a photo of a dog wearing a hat"]
 

@@ -8,7 +8,7 @@ from nbclient import NotebookClient
 
 from kosmos_g.tinyworld.demo import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
