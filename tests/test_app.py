@@ -22,9 +22,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from kosmos_g.app import MAX_IMAGES, KosmosGApp, launch, load_examples, main
-from kosmos_g.pipeline import build_tiny_pipeline
+from kosmos_g.testing import build_tiny_pipeline, write_random_lora
 from kosmos_g.tinyworld.demo import save_app_examples
-from tests.test_lora import write_random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from kosmos_g.generate import main
-from kosmos_g.pipeline import build_tiny_pipeline
+from kosmos_g.testing import build_tiny_pipeline
 
 SIZE = 32
 

@@ -27,7 +27,8 @@ from kosmos_g.eval.callback import ValidationCallback
 from kosmos_g.eval.dreambench import PROMPTS_FILE
 from kosmos_g.eval.metrics import (TINY_DINO_KWARGS, dino_kwargs_file, load_dino, save_tiny_clip,
                                    save_tiny_dino)
-from kosmos_g.pipeline import KosmosGPipeline, build_tiny_pipeline
+from kosmos_g.pipeline import KosmosGPipeline
+from kosmos_g.testing import build_tiny_pipeline
 from kosmos_g.run import read_scalars
 
 SHARED = Path(__file__).parents[2].parent / "shared" / "dreambench"
