@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m kosmos_g.tinyworld.demo
 
+# Every test, the end-to-end ones marked slow included (CI runs this); PYTEST_ARGS='-m "not slow"' skips those.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

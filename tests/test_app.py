@@ -175,6 +175,7 @@ def served_url(proc: subprocess.Popen) -> str:
     raise AssertionError(f"{proc.args} did not serve the page:\n{''.join(lines)}")
 
 
+@pytest.mark.slow
 def test_readme_commands_serve_the_demo_export(tmp_path):
     """The README's `python -m kosmos_g.app ...` lines, as written, from a folder laid out as after `make demo`."""
     pipe = build_tiny_pipeline(seed=0, image_size=SIZE)

@@ -236,6 +236,7 @@ def test_prepare_module_hands_checkpointing_to_fsdp(tiny):
 # the memory plan
 
 
+@pytest.mark.slow
 def test_memory_plan_of_the_paper_preset(paper):
     result = memory_plan.plan(64, "a100_fsdp", shapes={"mllm": dict(batch=1, seq=256, images=1),
                                                        "align": dict(batch=2, seq=32, images=0),

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
 
 from kosmos_g.tinyworld.demo import main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
     rows = main(["--quick", "--runs-dir", str(tmp_path), "--run-name", "mini"])
     run = tmp_path / "mini"
