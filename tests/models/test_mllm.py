@@ -306,7 +306,7 @@ def count(module) -> int:
 def test_paper_preset_on_meta_device_has_paper_size():
     cfg = load_config(["model=paper", "model.vision.weights_path=null", "model.llm.tokenizer_path=null",
                        "model.diffusion_path=null"]).model
-    with torch.device("meta"):  # the original tokenizer's size and ids (test_tokenizer.py checks the real one)
+    with torch.device("meta"):  # the original tokenizer's size and ids (test_tokenizers.py checks the real one)
         model = build_mllm(cfg, VocabStub(64007))
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])  # nothing allocated
     text, vit, connector = count(model.text_model), count(model.vision_model), count(model.image_to_text_projection)
