@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # The second pip line is test-only: pip torchscale, the independent reference for the original Kosmos-G
-# decoder and AlignerNet (tests/test_official.py, tests/test_aligner.py). --no-deps because torchscale pins an
+# decoder and AlignerNet (tests/test_official.py, tests/models/test_aligner.py). --no-deps because torchscale pins an
 # old timm; it needs only torch and fairscale.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m kosmos_g.tinyworld.demo
 
+# Every test, the end-to-end ones marked slow included (CI runs this); PYTEST_ARGS='-m "not slow"' skips those.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

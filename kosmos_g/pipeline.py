@@ -245,26 +245,3 @@ class KosmosGPipeline(DiffusionPipeline, StableDiffusionMixin, UNetLoraLoaderMix
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
-
-
-def build_tiny_pipeline(seed: int = 0, image_size: int = 32, cross_attention_dim: int = 64,
-                        texts: Optional[list[str]] = None) -> KosmosGPipeline:
-    """A random tiny pipeline (tiny preset MLLM, 1+1-layer aligner, tiny U-Net/VAE) for tests and docs."""
-    from kosmos_g.config import load_config
-    from kosmos_g.models.diffusion import build_tiny_diffusion
-    from kosmos_g.models.mllm import build_mllm
-    from kosmos_g.models.tokenizers import train_mllm_tokenizer
-
-    model_cfg = load_config(["model=tiny"]).model
-    texts = texts or ["a photo of a red dog on the beach", "a blue cat wearing a green hat", "a yellow square"] * 4
-    tokenizer = train_mllm_tokenizer(texts, vocab_size=300)
-    processor = KosmosGProcessor.from_config(tokenizer, model_cfg)
-    diffusion = build_tiny_diffusion(cross_attention_dim, image_size=image_size, seed=seed)
-    torch.manual_seed(seed)
-    mllm = build_mllm(model_cfg, tokenizer).eval()
-    aligner = AlignerNet(llm_dim=model_cfg.llm.hidden_size, clip_dim=cross_attention_dim, num_heads=4, ffn_size=128,
-                         encoder_layers=1, decoder_layers=1, max_source_positions=model_cfg.llm.max_positions + 2).eval()
-    pipe = KosmosGPipeline(mllm=mllm, processor=processor, aligner=aligner, unet=diffusion.unet, vae=diffusion.vae,
-                           scheduler=diffusion.noise_scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

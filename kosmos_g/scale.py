@@ -94,6 +94,8 @@ def _fsdp_strategy_class():
         def __init__(self, ignored_module_names: list[str] = (), **kwargs):
             super().__init__(**kwargs)
             self.ignored_module_names = list(ignored_module_names)
+            # the layer classes recomputed in backward (Lightning keeps its converted policy private)
+            self.activation_checkpointing_layers = set(kwargs.get("activation_checkpointing_policy") or ())
 
         def _setup_model(self, model: nn.Module) -> nn.Module:
             from torch.distributed.fsdp import FullyShardedDataParallel

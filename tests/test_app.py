@@ -22,9 +22,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from kosmos_g.app import MAX_IMAGES, KosmosGApp, launch, load_examples, main
-from kosmos_g.pipeline import build_tiny_pipeline
+from kosmos_g.testing import build_tiny_pipeline, write_random_lora
 from kosmos_g.tinyworld.demo import save_app_examples
-from test_lora import write_random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -176,6 +175,7 @@ def served_url(proc: subprocess.Popen) -> str:
     raise AssertionError(f"{proc.args} did not serve the page:\n{''.join(lines)}")
 
 
+@pytest.mark.slow
 def test_readme_commands_serve_the_demo_export(tmp_path):
     """The README's `python -m kosmos_g.app ...` lines, as written, from a folder laid out as after `make demo`."""
     pipe = build_tiny_pipeline(seed=0, image_size=SIZE)

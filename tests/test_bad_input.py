@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from kosmos_g.config import ConfigError, load_config
 from kosmos_g.train import main
 
 STEPS = ["trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2"]

@@ -9,7 +9,7 @@ from diffusers import ControlNetModel
 from PIL import Image, ImageDraw
 
 from kosmos_g.controlnet import KosmosGControlNetPipeline, canny
-from kosmos_g.pipeline import build_tiny_pipeline
+from kosmos_g.testing import build_tiny_pipeline
 
 SIZE, STEPS = 32, 3
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,28 +221,16 @@ def write_own_data(root: Path, n: int = 24) -> list[str]:
     return captions
 
 
-def write_sd(folder: Path, texts: list[str]) -> Path:
-    """A tiny SD-layout folder standing in for trained teachers (random weights, but not marked random)."""
-    from kosmos_g.assets import RANDOM_SD_RECORD, _write_tiny_sd
-    from kosmos_g.config import load_config
-
-    torch.manual_seed(0)
-    folder.mkdir(parents=True)
-    _write_tiny_sd(folder, load_config(["model=tiny"]).model, lambda: iter(texts * 3), 32)
-    (folder / RANDOM_SD_RECORD).unlink()
-    return folder
-
-
 def write_inputs(root: Path) -> None:
     """Everything the documented commands read, at the relative paths they name."""
     from kosmos_g.eval.metrics import save_tiny_clip
-    from kosmos_g.pipeline import build_tiny_pipeline
+    from kosmos_g.testing import build_tiny_pipeline, write_tiny_sd
 
     captions = write_own_data(root / "mydata")
-    write_sd(root / "runs/demo/teachers/sd", captions)
+    write_tiny_sd(root / "runs/demo/teachers/sd", captions)
     save_tiny_clip(root / "runs/demo/teachers/clip", texts=captions)
     build_tiny_pipeline().save_pretrained(root / "runs/demo/instruct/export")
-    write_sd(root / "sd15", captions)
+    write_tiny_sd(root / "sd15", captions)
     draw("square", "red").save(root / "red.jpg")
     draw("circle", "blue").save(root / "subject.png")
     # docs/data-format.md's converter examples

@@ -331,7 +331,7 @@ def test_missing_paths_give_one_line_naming_the_flag_and_path(tmp_path, backbone
 
 @needs_shared
 def test_real_tiny_pipeline_from_its_saved_folder(tmp_path, backbones, capsys):
-    from kosmos_g.pipeline import build_tiny_pipeline
+    from kosmos_g.testing import build_tiny_pipeline
 
     build_tiny_pipeline().save_pretrained(tmp_path / "runs" / "t" / "instruct" / "export")
     argv = dreambench_argv(tmp_path / "eval", backbones, "--device", "cpu", "--no-real")

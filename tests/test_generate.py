@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from kosmos_g.generate import main
-from kosmos_g.pipeline import build_tiny_pipeline
+from kosmos_g.testing import build_tiny_pipeline
 
 SIZE = 32
 
@@ -103,6 +103,7 @@ def test_missing_or_unreadable_export_folder(export, tmp_path, capsys):
     assert "cannot load the pipeline from" in error_line(capsys)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch/diffusers: 7-8 s on 2 busy cores
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
     """The real command: exit status 2, one stderr line, no traceback."""
     cmd = [sys.executable, "-m", "kosmos_g.generate", "--pipeline", str(tmp_path / "nope"), "--prompt", "a cat"]

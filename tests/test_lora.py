@@ -6,31 +6,16 @@ import copy
 
 import pytest
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from kosmos_g.pipeline import KosmosGPipeline, build_tiny_pipeline
-
-RANK, ALPHA = 4, 8  # scaling alpha / rank = 2: a loader that ignored alpha would be off by 2x
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+from kosmos_g.testing import LORA_ALPHA as ALPHA
+from kosmos_g.testing import LORA_RANK as RANK
+from kosmos_g.testing import build_tiny_pipeline, write_random_lora
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return build_tiny_pipeline(seed=0)
-
-
-def write_random_lora(unet, folder) -> str:
-    """What a LoRA training script saves (peft adapter -> diffusers keys -> safetensors), with random, non-zero B."""
-    torch.manual_seed(1)
-    trained = copy.deepcopy(unet)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
-    trained.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained))
-    KosmosGPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
-    return str(folder / "pytorch_lora_weights.safetensors")
 
 
 def merged_unet(unet, path: str, scale: float):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-import official_reference as ref
+from tests import official_reference as ref
 from kosmos_g.convert import DTYPES, build_parser, main
 from kosmos_g.official import (DROPPED, OfficialCheckpointError, convert_state_dict, kosmos2_config,
                                load_fairseq_checkpoint)
@@ -145,11 +145,7 @@ def test_inventory_maps_one_to_one_onto_paper_size_models(kind):
 def test_inventory_fixture_is_what_its_script_derives():
     """The fixture is reproducible from tests/fixtures/official_inventory.py (pip torchscale on meta + the
     hand-written open_clip / connector names): a stale or hand-edited fixture fails here."""
-    sys.path.insert(0, str(INVENTORY.parent))
-    try:
-        import official_inventory
-    finally:
-        sys.path.remove(str(INVENTORY.parent))
+    from tests.fixtures import official_inventory
     assert official_inventory.inventory() == json.loads(gzip.decompress(INVENTORY.read_bytes()))
 
 

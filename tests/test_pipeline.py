@@ -10,9 +10,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from kosmos_g.models.aligner import AlignerNet
-from kosmos_g.pipeline import KosmosGPipeline, build_tiny_pipeline, condition
+from kosmos_g.pipeline import KosmosGPipeline, condition
 from kosmos_g.processor import PromptError
+from kosmos_g.testing import build_tiny_pipeline, tiny_aligner
 
 SIZE, DIM = 32, 64  # tiny U-Net: 32 px images (8x8 latents), cross-attention width 64
 STEPS = 3
@@ -181,8 +181,7 @@ def test_output_types_and_default_size(dpm):
 
 
 def test_aligner_width_must_match_the_unet(pipe):
-    aligner = AlignerNet(llm_dim=64, clip_dim=DIM + 8, num_heads=4, ffn_size=128, encoder_layers=1,
-                         decoder_layers=1, max_source_positions=256)
+    aligner = tiny_aligner(llm_dim=64, clip_dim=DIM + 8)
     with pytest.raises(ValueError, match="cross_attention_dim"):
         KosmosGPipeline(mllm=pipe.mllm, processor=pipe.processor, aligner=aligner, unet=pipe.unet, vae=pipe.vae,
                         scheduler=pipe.scheduler)

@@ -7,10 +7,10 @@ trainable parameters only, and the memory plan. FSDP training itself runs in tes
 from __future__ import annotations
 
 import copy
-import sys
+import os
 from dataclasses import asdict
-from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
@@ -23,8 +23,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextBlock, Kosmos2VisionEncoderLayer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
-from benchmarks import memory_plan  # noqa: E402
+from benchmarks import memory_plan
 from kosmos_g.config import ConfigError, load_config
 from kosmos_g.models.aligner import AlignerDecoderLayer, AlignerEncoderLayer
 from kosmos_g.scale import build_strategy, ignored_modules, layer_classes, prepare_module
@@ -46,17 +45,56 @@ def paper():
 # presets -> strategy objects
 
 
+def wrapped_by(strategy) -> nn.Module:
+    """The model as `strategy` wraps it for training: one step of a tiny module in this process (world size 1,
+    gloo), the process group, environment and thread count restored afterwards."""
+    seen = []
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 1), nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            seen.append(self.trainer.strategy.model)
+            return self.used(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(
+            Tiny(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 2)), batch_size=2))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+    return seen[0]
+
+
 def test_cpu_and_ddp_presets():
     assert build_strategy(trainer_cfg("cpu")) == "auto"
     for t in (trainer_cfg("ddp"), trainer_cfg("cpu", "trainer.devices=2")):  # several devices: DDP, not ddp_spawn
         strategy = build_strategy(t)
         assert isinstance(strategy, DDPStrategy) and not isinstance(strategy, FSDPStrategy)
-        assert strategy._ddp_kwargs["find_unused_parameters"] is True
+        assert strategy.process_group_backend == t.process_group_backend
+    # what training gets: torch's DDP wrapper, tolerating parameters without a gradient in a step
+    ddp = wrapped_by(build_strategy(trainer_cfg("cpu", "trainer.devices=2", "trainer.process_group_backend=gloo")))
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.find_unused_parameters is True
+
+
+def wraps(policy, module: nn.Module) -> bool:
+    """Whether an FSDP auto-wrap policy makes `module` a unit of its own (the policy's callable form)."""
+    return policy(module, recurse=False, nonwrapped_numel=0)
 
 
 @pytest.mark.parametrize("preset,half,scaler", [("a100_fsdp", torch.bfloat16, None),
                                                 ("v100_fsdp", torch.float16, ShardedGradScaler)])
-def test_fsdp_presets_build_the_paper_strategy(preset, half, scaler):
+def test_fsdp_presets_build_the_paper_strategy(preset, half, scaler, tiny, tmp_path):
     t = trainer_cfg(preset)
     strategy = build_strategy(t)
     assert isinstance(strategy, FSDPStrategy)
@@ -64,18 +102,19 @@ def test_fsdp_presets_build_the_paper_strategy(preset, half, scaler):
     mp = strategy.mixed_precision_config  # what FSDP gets: half-precision compute, fp32 reductions
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (half, torch.float32, torch.float32)
     assert strategy.kwargs["use_orig_params"] is True and strategy.kwargs["limit_all_gathers"] is True
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == PAPER_UNITS
-    ckpt_policy = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert ckpt_policy._module_classes == PAPER_UNITS
+    policy = strategy.kwargs["auto_wrap_policy"]  # one unit per layer of these classes (tiny: one of each kind)
+    assert isinstance(policy, ModuleWrapPolicy) and {type(m) for m in tiny.modules() if wraps(policy, m)} == PAPER_UNITS
+    assert strategy.activation_checkpointing_layers == PAPER_UNITS
     assert strategy.ignored_module_names == ["diffusion", "text_encoder"]
-    assert strategy._state_dict_type == "full"
+    # full state dict: a checkpoint is one file (rank 0 gathers), not a folder of shards
+    strategy.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
     # the precision plugin Lightning pairs with it: fp16 gets FSDP's sharded gradient scaler, bf16 none
     plugin = FSDPPrecision(t.precision)
     assert (plugin.scaler is None) if scaler is None else isinstance(plugin.scaler, scaler)
     # no activation checkpointing: no policy
     off = build_strategy(trainer_cfg(preset, "trainer.activation_checkpointing=false"))
-    assert off._activation_checkpointing_kwargs == {}
+    assert isinstance(off, FSDPStrategy) and off.activation_checkpointing_layers == set()
 
 
 def test_unknown_layer_class_is_a_config_error():
@@ -98,14 +137,15 @@ def test_wrap_policy_on_the_paper_model(paper, stage, units, ignored):
     module = memory_plan.stage_module(paper, stage)
     left_out = ignored_modules(module, strategy.ignored_module_names)
     assert left_out == [getattr(module, name) for name in ignored]
-    wrapped = strategy.kwargs["auto_wrap_policy"]._run_policy(module, set(left_out), {})
+    policy = strategy.kwargs["auto_wrap_policy"]
+    inside_ignored = {id(m) for root in left_out for m in root.modules()}
     counts = {}
-    for m in wrapped:
-        if m is not module:
+    for m in module.modules():
+        if m is not module and id(m) not in inside_ignored and wraps(policy, m):
             counts[type(m)] = counts.get(type(m), 0) + 1
     assert counts == units
-    inside_ignored = {id(m) for root in left_out for m in root.modules()}
-    assert not any(id(m) in inside_ignored for m in wrapped)
+    # nothing inside the frozen modules would be a unit, even if they were not left out
+    assert not any(wraps(policy, m) for root in left_out for m in root.modules())
     # the ViT keeps its last block trainable: that unit mixes nothing, the frozen ones are all frozen
     blocks = module.mllm.vision_model.model.encoder.layers
     assert {p.requires_grad for p in blocks[-1].parameters()} == {stage != "align"}
@@ -165,8 +205,9 @@ def test_strategy_activation_checkpointing_recomputes_the_same_gradients(tiny):
     t = trainer_cfg("a100_fsdp")
     plain = _grads(tiny)
     wrapped = copy.deepcopy(tiny)
+    layers = build_strategy(t).activation_checkpointing_layers  # applied as Lightning applies its policy
     apply_activation_checkpointing(wrapped, checkpoint_wrapper_fn=checkpoint_wrapper,
-                                   **build_strategy(t)._activation_checkpointing_kwargs)
+                                   auto_wrap_policy=ModuleWrapPolicy(layers))
     n = sum(isinstance(m, CheckpointWrapper) for m in wrapped.modules())
     assert n == 2 + 2 + 4 + 4  # 2 decoder blocks, 2 ViT layers, 2+2 encoder and 2+2 decoder layers of M and N
     ckpt = _grads(wrapped)
@@ -196,6 +237,7 @@ def test_prepare_module_hands_checkpointing_to_fsdp(tiny):
 # the memory plan
 
 
+@pytest.mark.slow
 def test_memory_plan_of_the_paper_preset(paper):
     result = memory_plan.plan(64, "a100_fsdp", shapes={"mllm": dict(batch=1, seq=256, images=1),
                                                        "align": dict(batch=2, seq=32, images=0),

@@ -12,7 +12,7 @@ from kosmos_g.models.tokenizers import (ADDED_SPECIAL_TOKENS, BASE_SPECIAL_TOKEN
                                         train_mllm_tokenizer)
 from kosmos_g.processor import KosmosGProcessor
 
-OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "kosmos-g-official"
+OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "kosmos-g-official"
 REFERENCE = OFFICIAL.parent / "kosmos-g-reference.md"
 
 # Ordinary prompts (DreamBench-style, captions, instructions) and a Unicode set over many scripts. Left out, as

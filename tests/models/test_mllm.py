@@ -3,9 +3,6 @@ equivalence with transformers' Kosmos2Model, paper size."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,10 +13,8 @@ from PIL import Image
 from kosmos_g.config import load_config
 from kosmos_g.models.mllm import MultimodalLM, build_mllm
 from kosmos_g.models.tokenizers import IMAGE_START, train_clip_tokenizer, train_mllm_tokenizer
+from benchmarks.memory_plan import VocabStub
 from kosmos_g.processor import KosmosGProcessor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside the package
-from benchmarks.memory_plan import VocabStub  # noqa: E402
 
 CORPUS = ["a red circle next to a blue square", "a green triangle on the grass", "a photo of a dog wearing a hat"]
 
@@ -320,7 +315,7 @@ def count(module) -> int:
 def test_paper_preset_on_meta_device_has_paper_size():
     cfg = load_config(["model=paper", "model.vision.weights_path=null", "model.llm.tokenizer_path=null",
                        "model.diffusion_path=null"]).model
-    with torch.device("meta"):  # the original tokenizer's size and ids (test_tokenizer.py checks the real one)
+    with torch.device("meta"):  # the original tokenizer's size and ids (test_tokenizers.py checks the real one)
         model = build_mllm(cfg, VocabStub(64007))
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])  # nothing allocated
     text, vit, connector = count(model.text_model), count(model.vision_model), count(model.image_to_text_projection)

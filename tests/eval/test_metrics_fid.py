@@ -27,6 +27,7 @@ def inception_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_inception_fid_from_a_local_file(inception_file):
     torch.manual_seed(0)
     a = torch.rand(6, 3, 64, 64)

@@ -13,7 +13,7 @@ from PIL import Image
 from kosmos_g.eval.dreambench import (OFFICIAL_INPUT_PHOTOS, PROMPTS_FILE, DreamBenchError, clip_t_text,
                                       kosmos_prompt, load_dreambench)
 
-SHARED = Path(__file__).parents[1].parent / "shared" / "dreambench"
+SHARED = Path(__file__).parents[2].parent / "shared" / "dreambench"
 needs_shared = pytest.mark.skipif(not (SHARED / PROMPTS_FILE).is_file(), reason=f"{SHARED} not present")
 
 

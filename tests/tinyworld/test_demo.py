@@ -1,16 +1,17 @@
 """The tiny-world demo end to end in its mini version, and the notebook executed on its outputs."""
 
-import os
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
 
 from kosmos_g.tinyworld.demo import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
     rows = main(["--quick", "--runs-dir", str(tmp_path), "--run-name", "mini"])
     run = tmp_path / "mini"

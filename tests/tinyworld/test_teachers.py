@@ -28,6 +28,7 @@ def teachers(tmp_path_factory) -> Path:
     return train_teachers(tmp_path_factory.mktemp("run") / "teachers", seed=0, size=32, budget="quick")
 
 
+@pytest.mark.slow
 def test_layout_and_manifest(teachers):
     assert sorted(p.name for p in teachers.iterdir()) == ["clip", "oracle", "sd", MANIFEST]
     for part in ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "model_index.json"):
@@ -35,6 +36,7 @@ def test_layout_and_manifest(teachers):
     assert not teachers.with_name(teachers.name + ".tmp").exists()   # the build folder was renamed away
 
 
+@pytest.mark.slow
 def test_sd_folder_loads_like_stable_diffusion(teachers):
     sd = teachers / "sd"
     diffusion = FrozenDiffusion.from_pretrained(str(sd))
@@ -62,6 +64,7 @@ def test_sd_folder_loads_like_stable_diffusion(teachers):
     assert staged.config.hidden_size == text_encoder.config.hidden_size and len(staged_tok) == len(tokenizer)
 
 
+@pytest.mark.slow
 def test_text_encoder_is_clips_text_tower(teachers):
     clip, processor = load_clip(teachers / "clip")   # the evaluation's loader (CLIP-I / CLIP-T)
     text_encoder = CLIPTextModel.from_pretrained(teachers / "sd" / "text_encoder")
@@ -73,6 +76,7 @@ def test_text_encoder_is_clips_text_tower(teachers):
     assert -1 <= float(metric.compute()) <= 1
 
 
+@pytest.mark.slow
 def test_pipeline_generates_from_captions(teachers):
     pipe = StableDiffusionPipeline.from_pretrained(teachers / "sd", safety_checker=None)
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
@@ -84,6 +88,7 @@ def test_pipeline_generates_from_captions(teachers):
     torch.testing.assert_close(a, b)   # deterministic given the seed
 
 
+@pytest.mark.slow
 def test_oracle_reads_clean_and_blurred_renders(teachers):
     oracle = Oracle.from_pretrained(teachers / "oracle")
     clean = oracle.score([render(s) for s in HELDOUT], HELDOUT)
@@ -146,6 +151,7 @@ def test_near_misses_differ_in_exactly_one_attribute():
             assert sum(a != b for a, b in zip(attrs(scenes[i]), attrs(scenes[j]))) == 1
 
 
+@pytest.mark.slow
 def test_second_call_reuses_the_cache(teachers, capsys):
     files = {p: p.stat().st_mtime_ns for p in teachers.rglob("*") if p.is_file()}
     t0 = time.perf_counter()

@@ -130,6 +130,7 @@ def test_edit_prompts_carry_the_input_caption_dropped_at_the_configured_rate():
     assert instruction(sample, rng, 0.0, caption_drop_prob=1.0) == [source, "make it blue"]
 
 
+@pytest.mark.slow
 def test_three_stages_chain_and_export_a_pipeline(tiny_overrides, tmp_path):
     for stage in ("mllm", "align", "instruct"):
         main([f"stage={stage}", *tiny_overrides, "stage.sample_every_n_steps=3"])
