@@ -8,8 +8,8 @@ Hydra merges `configs/train.yaml` and the chosen group files (`stage/`, `model/`
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
@@ -156,9 +156,8 @@ class AlignerConfig:
     are counted from row 2 (fairseq's convention), so M and N take at most max_source_positions - 2 states."""
     dropout: float = 0.0
     query_init_std: float = 1.0
-    """Initial scale of the learned queries (the original: `torch.randn`, 1.0). The queries start M's and N's
-    residual streams; with few layers a std-1 query outweighs what the layers add, so M's output starts, and
-    stays for hundreds of steps, nearly the same for every prompt (the tiny preset: 0.02)."""
+    """Initial scale of the learned queries (the original: 1.0). They start M's and N's residual streams: with few
+    layers std-1 queries outweigh what the layers add and M's output stays nearly constant (the tiny preset: 0.02)."""
 
     def __post_init__(self):
         _check(self.encoder_layers > 0 and self.decoder_layers > 0, "model.aligner layer counts must be > 0")

@@ -1,4 +1,5 @@
-"""Tiny random models for tests and docs: built from the tiny preset in about a second on CPU.
+"""Tiny random models for tests and docs, built from the tiny preset in about a second on CPU, and a reader of
+what a training run logs (`read_steps`).
 
 Nothing in training or inference imports this module. The tiny U-Net/VAE themselves live in
 `kosmos_g.models.diffusion` (the tiny preset trains them); the tiny tokenizers in `kosmos_g.models.tokenizers`.
@@ -9,6 +10,7 @@ Nothing in training or inference imports this module. The tiny U-Net/VAE themsel
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -85,3 +87,14 @@ def write_tiny_sd(folder: Path, texts: list[str], image_size: int = 32, seed: in
     _write_tiny_sd(folder, load_config(["model=tiny"]).model, lambda: iter(texts * 3), image_size)
     (folder / RANDOM_SD_RECORD).unlink()
     return folder
+
+
+def read_steps(path: Path) -> dict[int, dict]:
+    """`<stage>/steps.jsonl` (written by `kosmos_g.callbacks.StepLog`) as {step: record}; the last record of a
+    step wins."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["step"]] = rec
+    return out

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from tests.run_logs import read_steps
+from kosmos_g.testing import read_steps
 
 STEPS = 3
 STAGES = ("mllm", "align", "instruct")

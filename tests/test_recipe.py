@@ -93,7 +93,7 @@ def test_cfg_job_prints_the_recipe_and_the_derived_batch(capsys):
 def test_accumulation_trains_the_global_batch_and_resumes_exactly(tiny_overrides, tmp_path):
     """Global batch 4 as 2 micro-batches of 2: the run goes through, logs one loss per optimizer step, and a
     resumed run (stopped at step 2 of 4) ends with the same weights as an uninterrupted one."""
-    from tests.run_logs import read_steps
+    from kosmos_g.testing import read_steps
     from kosmos_g.train import run
 
     base = [*tiny_overrides, "stage=align", "init_from=none", "stage.global_batch_size=4", "stage.batch_size=2",

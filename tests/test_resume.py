@@ -21,7 +21,7 @@ import torch
 from kosmos_g.config import load_config
 from kosmos_g.tinyworld.demo import read_scalars
 from kosmos_g.callbacks import TrainingDiverged
-from run_logs import read_steps
+from kosmos_g.testing import read_steps
 from kosmos_g.train import main, run
 
 # A subprocess running train.py's main() that stops at the start of step STEP: "kill" waits forever (the test

@@ -462,3 +462,34 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], steps: int =
     chunks = [pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
                    generator=g, output_type="pt").images for i in range(0, len(prompts), batch_size)]
     return torch.cat(chunks).float().clamp(0, 1)
+
+
+# ---- the shipped teachers -------------------------------------------------------------------------
+
+# The demo's teachers (budget "default", seed 0, 32 px), trained once by this module's command and committed (6 MB
+# of safetensors): they stand in for weights a real user downloads, and training them is most of a cold demo.
+SHIPPED = Path(__file__).resolve().parent / "shipped_teachers"
+REBUILD_COMMAND = "python -m kosmos_g.tinyworld.teachers --out kosmos_g/tinyworld/shipped_teachers"
+
+
+def shipped_teachers(seed: int, size: int, budget: Union[str, TeacherConfig]) -> Optional[Path]:
+    """The shipped teachers if they were made with these settings, else None (train them instead)."""
+    return SHIPPED if is_complete(SHIPPED, _settings(_resolve(budget), seed, size)) else None
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the tiny world's teachers (CLIP, SD folder, oracle) into "
+                                                 f"a folder. The demo's shipped set: `{REBUILD_COMMAND}`.")
+    parser.add_argument("--out", required=True, help="the teachers folder (replaced if made with other settings)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as the demo trains them: the shipped files are what a demo run would make
+    return train_teachers(args.out, seed=args.seed, size=args.size, budget=args.budget)
+
+
+if __name__ == "__main__":
+    main()

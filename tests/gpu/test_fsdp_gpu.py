@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from run_logs import read_steps
+from kosmos_g.testing import read_steps
 from kosmos_g.train import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
