@@ -1,6 +1,6 @@
 """`make demo`: the whole Kosmos-G recipe in the tiny world, offline, on a laptop CPU (<= 20 minutes on 2 cores).
 
-    python -m kosmos_g.tinyworld.demo [--run-name demo] [--runs-dir runs] [--quick]
+    python -m kosmos_g.tinyworld.demo [--run-name demo] [--runs-dir runs] [--seed 0] [--quick] [--train-teachers]
 
   1. world      shards of every sample kind (train split)             runs/<name>/data/
   2. teachers   tiny CLIP, VAE, text-conditioned U-Net, attribute oracle   runs/<name>/teachers/
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-name", default="demo")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--quick", action="store_true", help="a mini run (small world, few steps) for tests")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the stages' seed (initialisation, data order, noise); the world and teachers stay seed 0")
     parser.add_argument("--train-teachers", action="store_true",
                         help="train the teachers here instead of copying the shipped ones (~6-9 min on 2 cores)")
     args = parser.parse_args(argv)
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     teachers = step("teachers", teachers_step)
     common = [f"run_name={args.run_name}", f"runs_dir={args.runs_dir}", "model=tiny", "data=tiny", "trainer=cpu",
+              f"seed={args.seed}",
               f"model.diffusion_path={teachers / 'sd'}",
               f"trainer.log_every_n_steps={1 if args.quick else 5}", *vision_overrides(teachers / "clip")]
     for stage, (n, batch, extra) in plan["stages"].items():
