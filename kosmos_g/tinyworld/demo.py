@@ -38,9 +38,11 @@ from kosmos_g.tinyworld.world import edit_examples
 from kosmos_g.train import main as train
 
 # Per stage: steps, batch size and any other overrides; the learning rates are the tiny recipe's
-# (configs/recipe/tiny/<stage>.yaml). --quick is the tests' mini version.
+# (configs/recipe/tiny/<stage>.yaml). --quick is the tests' mini version. Stage 1 runs 1,200 steps: after 600 the
+# MLLM named the colour of a held-out close-up ("<img> a close-up of a ...") 100% of the time but its shape 25%
+# (chance 20), after 1,200 75%.
 FULL = dict(samples=3000, teachers="default", test=200, stages={
-    "mllm": (600, 32, []), "align": (1000, 16, []), "instruct": (2000, 8, [])})
+    "mllm": (1200, 32, []), "align": (1000, 16, []), "instruct": (2000, 8, [])})
 QUICK = dict(samples=150, teachers="quick", test=8, stages={"mllm": (4, 4, []), "align": (4, 4, []),
                                                              "instruct": (4, 4, [])})
 
