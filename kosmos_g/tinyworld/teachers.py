@@ -477,7 +477,7 @@ def shipped_teachers(seed: int, size: int, budget: Union[str, TeacherConfig]) ->
     return SHIPPED if is_complete(SHIPPED, _settings(_resolve(budget), seed, size)) else None
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
+def build_parser():
     import argparse
 
     parser = argparse.ArgumentParser(description="Train the tiny world's teachers (CLIP, SD folder, oracle) into "
@@ -486,9 +486,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)  # as the demo trains them: the shipped files are what a demo run would make
-    return train_teachers(args.out, seed=args.seed, size=args.size, budget=args.budget)
+    train_teachers(args.out, seed=args.seed, size=args.size, budget=args.budget)
+    return 0
 
 
 if __name__ == "__main__":
