@@ -37,7 +37,7 @@ def fingerprint(sample: Sample) -> list:
             sample.target.tobytes() if sample.target is not None else None]
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENERATORS = {
     "text": lambda n, seed: tw.text_samples(n, seed),
     "caption": lambda n, seed: tw.caption_samples(n, seed, "train"),
