@@ -18,7 +18,7 @@ downloaded here, and random ones would make every downstream number meaningless,
 What each learns from (teacher_data.py: `world_data`, `codec_images`, `closeup_data`): CLIP from the
 train split's captioned scenes (1-2 objects) and close-ups of single objects, a share of the captions
 cut to one attribute ("a triangle"); the VAE, a pixel codec, from every one-object render (held-out ones included);
-the U-Net from the train split's one-object scenes. With `heldout=True` CLIP and the
+the U-Net from the train split's one- and two-object scenes (stage 3 asks it for both). With `heldout=True` CLIP and the
 U-Net see the held-out combinations too, like a real SD that has seen every concept.
 
 The order matters: CLIP first (the U-Net is conditioned on its frozen text states), the VAE next (the
@@ -52,9 +52,9 @@ from transformers.utils import logging as hf_logging
 
 from kosmos_g.models.diffusion import SD15_SCHEDULER, build_tiny_unet, build_tiny_vae
 from kosmos_g.models.tokenizers import train_clip_tokenizer
-from kosmos_g.tinyworld.oracle import Oracle, all_scenes, degrade, train_oracle
+from kosmos_g.tinyworld.oracle import Oracle, all_scenes, degrade, scene_accuracy, train_oracle
 from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images, near_misses, world_data
-from kosmos_g.tinyworld.world import Scene, caption, is_heldout
+from kosmos_g.tinyworld.world import Scene, caption, is_heldout, two_subject_examples
 
 MANIFEST = "teachers.json"
 CLIP_MAX_TOKENS = 77  # SD v1.5's text length: every caption is padded to it
@@ -95,14 +95,17 @@ class TeacherConfig:
     held-out scenes), colour and background 100%; 2300 steps added nothing. 1200 keeps the demo in time."""
     unet_batch: int = 32
     unet_lr: float = 3e-3
-    unet_max_objects: int = 1
-    """Train the U-Net on scenes with at most this many objects: every target the stages score has one."""
+    unet_max_objects: int = 2
+    """Train the U-Net on scenes with at most this many objects: the two-subject targets have two."""
     uncond_prob: float = 0.1
     """Fraction of captions replaced by "" while training the U-Net (what CFG's negative branch sees)."""
     ema_decay: float = 0.995
     oracle_steps: int = 800
 
     def __post_init__(self):
+        if self.unet_max_objects not in (1, 2):
+            raise ValueError(f"TeacherConfig.unet_max_objects must be 1 or 2 (the world's scenes), "
+                             f"got {self.unet_max_objects}")
         for name in ("clip_partial", "uncond_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"TeacherConfig.{name} is a fraction of captions, so it must be in [0, 1]; "
@@ -465,12 +468,19 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], steps: int =
 
 
 def caption_accuracy(teachers: Union[str, Path], split: str = "test", n: int = 100, steps: int = 20,
-                     guidance: float = 5.0, seed: int = 0) -> dict[str, float]:
-    """The SD teacher's caption -> image attribute accuracy on `n` one-object scenes of `split`, by the oracle.
+                     guidance: float = 5.0, seed: int = 0, objects: int = 1) -> dict[str, float]:
+    """The SD teacher's caption -> image accuracy on `n` scenes of `split` with `objects` objects, by the oracle:
+    one object: `attribute_accuracy`; two: `scene_accuracy` (every object at its stated place).
 
     This is the demo's upper bound: what the frozen decoder can draw when handed the true caption."""
-    pool = [s for s in all_scenes() if is_heldout(s) == (split == "test")]
-    pick = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-    scenes = [pool[i] for i in pick]
+    if objects == 1:
+        pool = [s for s in all_scenes() if is_heldout(s) == (split == "test")]
+        pick = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
+        scenes = [pool[i] for i in pick]
+    elif objects == 2:
+        scenes = [e.target for e in two_subject_examples(n, seed, split)]
+    else:
+        raise ValueError(f"objects must be 1 or 2, got {objects}")
     images = generate(load_pipeline(Path(teachers) / "sd"), [caption(s) for s in scenes], steps, guidance, seed)
-    return Oracle.from_pretrained(Path(teachers) / "oracle").score(images, scenes)
+    oracle = Oracle.from_pretrained(Path(teachers) / "oracle")
+    return oracle.score(images, scenes) if objects == 1 else scene_accuracy(oracle.predict(images), scenes)
