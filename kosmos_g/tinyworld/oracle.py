@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -128,7 +128,8 @@ class Oracle(nn.Module):
         c, side = config.width, config.image_size // 4
         conv = lambda cin, cout, stride: [nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False),  # noqa: E731
                                           nn.BatchNorm2d(cout), nn.ReLU()]
-        self.features = nn.Sequential(*conv(3, c, 1), *conv(c, 2 * c, 2), *conv(2 * c, 4 * c, 2), *conv(4 * c, 4 * c, 1))
+        self.features = nn.Sequential(*conv(3, c, 1), *conv(c, 2 * c, 2), *conv(2 * c, 4 * c, 2),
+                                      *conv(4 * c, 4 * c, 1))
         self.windows = [object_box(p, side) for p in SLOTS]   # (left, top, right, bottom) on the feature map
         w = max(r - l for l, _, r, _ in self.windows)
         if any(r - l != w or b - t != w for l, t, r, b in self.windows):
@@ -141,7 +142,8 @@ class Oracle(nn.Module):
                                         nn.Linear(config.hidden, len(BACKGROUNDS)))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """x: [B, 3, H, W] in [0, 1] -> logits: shape [B, 5, 6], colour [B, 5, 7] (last class: empty), background [B, 4]."""
+        """x: [B, 3, H, W] in [0, 1] -> logits: shape [B, 5, 6] and colour [B, 5, 7] per slot (last class:
+        empty), background [B, 4]."""
         if x.shape[-1] != self.config.image_size or x.shape[-2] != self.config.image_size:
             x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bilinear", antialias=True,
                               align_corners=False)
@@ -222,7 +224,7 @@ def attribute_accuracy(predicted: Sequence[Union[Reading, Scene]], truth: Sequen
     return result
 
 
-def scene_accuracy(predicted: Sequence[Reading], truth: Sequence[Scene]) -> dict[str, float]:
+def scene_accuracy(predicted: Sequence[Union[Reading, Scene]], truth: Sequence[Scene]) -> dict[str, float]:
     """Every object, each read at its stated position. Fractions of:
     shape / colour: objects with that attribute right at their position (over all objects);
     first / second: the first / second object of each scene with shape and colour right at its position;
@@ -233,7 +235,7 @@ def scene_accuracy(predicted: Sequence[Reading], truth: Sequence[Scene]) -> dict
     for p, t in zip(predicted, truth):
         right = []
         for k, o in enumerate(t.objects):
-            seen = p.at(o.position)
+            seen = next((x for x in p.objects if x.position == o.position), None)   # a Reading or a Scene
             hits["shape"].append(seen is not None and seen.shape == o.shape)
             hits["colour"].append(seen is not None and seen.colour == o.colour)
             right.append(seen == o)
