@@ -30,8 +30,9 @@ from kosmos_g.run import read_scalars
 from kosmos_g.stages.common import load_mllm
 from kosmos_g.stages.instruct import instruction
 from kosmos_g.tinyworld.data import write_world_shards
-from kosmos_g.tinyworld.evaluate import (NOVEL, TASKS, WorldScorer, _tensor, kosmos_generator, save_comparison_grid,
-                                         table, teacher_generator, test_examples)
+from kosmos_g.tinyworld.evaluate import (NOVEL, TASKS, WorldScorer, kosmos_generator, save_comparison_grid, table,
+                                         teacher_generator, test_examples)
+from kosmos_g.tinyworld.oracle import to_tensor
 from kosmos_g.tinyworld.teachers import train_teachers
 from kosmos_g.tinyworld.world import edit_examples
 from kosmos_g.train import main as train
@@ -101,6 +102,7 @@ def save_app_examples(root: Path, n: int = 4) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns the tables: {task: {pipeline: {"all": scores, "novel pairs": scores}}}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-name", default="demo")
     parser.add_argument("--runs-dir", default="runs")
@@ -135,24 +137,24 @@ def main(argv: list[str] | None = None) -> dict:
                       "initial MLLM + aligner": kosmos_generator(initial_pipeline(common, trained)),
                       "teacher U-Net + true caption (upper bound)": teacher_generator(teachers / "sd")}
         scorer = WorldScorer(teachers, root / "assets")
-        tables, grid = {}, []
+        tables, examples, grid = {}, {}, []
         for task in TASKS:
             examples[task] = test_examples(plan["test"], task=task)
             images = {name: gen(examples[task], 0) for name, gen in generators.items()}
             if task == "edits":   # a reference: handing back the source keeps everything and edits nothing
-                images[SOURCE] = torch.stack([_tensor(e.sample.segments[-2]) for e in examples[task]])
+                images[SOURCE] = to_tensor([e.sample.segments[-2] for e in examples[task]])
             tables[task] = {name: scorer(imgs, examples[task], task) for name, imgs in images.items()}
             grid.append((examples[task], {k: v for k, v in images.items() if k != SOURCE}))
         save_comparison_grid(grid, root / "demo_grid.png")
-        return tables
+        return tables, examples
 
-    examples = {}
-    rows = step("evaluate", evaluate)
+    rows, examples = step("evaluate", evaluate)
     losses = {"mllm": _fall(root / "mllm" / "tensorboard", "train/loss"),
               "align": _fall(root / "align" / "tensorboard", "align/target_mse"),
               "instruct": _fall(root / "instruct" / "tensorboard", "train/loss")}
     total = time.perf_counter() - t_all
-    notes = {"one subject": "Shape and colour must come from the subject image, position and background from the text.",
+    notes = {"one subject": "Shape and colour must come from the subject image, position and background from the "
+                            "text.",
              "two subjects": "Each object is read at its stated place: first / second = that object's shape and "
                              "colour both right there; all objects = both objects right; shape / colour: per object.",
              "edits": "edited = the edited attribute right; kept = the other three as in the source. The teacher "
