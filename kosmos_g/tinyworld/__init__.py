@@ -7,9 +7,11 @@ from kosmos_g.tinyworld.world import (BACKGROUNDS, COLOURS, HELDOUT_COLOUR_BACKG
                                       POSITIONS, SHAPES, SPLITS, WHITE, Example, Obj, Scene, caption,
                                       caption_examples, caption_samples, crop_object, edit_examples,
                                       edit_samples, interleaved_samples, is_heldout, object_box, read_scene,
-                                      render, sample_scene, subject_examples, subject_samples, text_samples)
+                                      render, sample_scene, subject_examples, subject_samples, text_samples,
+                                      two_subject_examples)
 
 __all__ = ["BACKGROUNDS", "COLOURS", "HELDOUT_COLOUR_BACKGROUND", "HELDOUT_SHAPE_COLOUR", "POSITIONS", "SHAPES",
            "SPLITS", "WHITE", "Example", "Obj", "Scene", "caption", "caption_examples", "caption_samples",
            "crop_object", "edit_examples", "edit_samples", "interleaved_samples", "is_heldout", "object_box",
-           "read_scene", "render", "sample_scene", "subject_examples", "subject_samples", "text_samples"]
+           "read_scene", "render", "sample_scene", "subject_examples", "subject_samples", "text_samples",
+           "two_subject_examples"]

@@ -18,8 +18,8 @@ from kosmos_g.tinyworld import world
 
 DONE = "tinyworld.json"
 # Recorded in DONE: bump it when a generator's output changes, so roots written before are rewritten
-# (2: edit samples carry their source's caption as an InputCaption).
-VERSION = 2
+# (2: edit samples carry their source's caption as an InputCaption; 3: a third of subject samples show two).
+VERSION = 3
 # Relative sample counts per kind (interleaved documents hold several images each).
 KIND_SHARE = {"text": 1.0, "caption": 1.0, "interleaved": 0.5, "subject": 1.0, "edit": 1.0}
 _GENERATORS = {

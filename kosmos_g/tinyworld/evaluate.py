@@ -1,13 +1,19 @@
-"""Score subject-driven generation in the tiny world: held-out interleaved prompts, ground truth, the oracle.
+"""Score the tiny world's held-out prompts with ground truth and the oracle: one subject, two subjects, edits.
 
-Each test example is "<subject image> at the bottom right on a dotted background" (entity words dropped):
-shape and colour can only come from the image, position and background only from the text. Rows:
-  trained   the stage-3 export (KosmosGPipeline)
-  initial   the same pipeline with a freshly initialised MLLM + aligner (what training starts from)
-  teacher   the frozen U-Net prompted with the ground-truth caption through its own CLIP text encoder
-            (StableDiffusionPipeline): the upper bound of what the decoder can draw
-Columns: the oracle's per-attribute accuracy, CLIP-I / CLIP-T / DINO / FID from `kosmos_g.eval` with the
-tiny backbones (the teachers' CLIP, a random tiny DINO), all against the rendered ground truth.
+Three tasks (`TASKS`), each on held-out examples, entity words dropped (what a subject is must come from
+its image):
+  one subject    "<i> at the bottom right on a dotted background": shape and colour from the image,
+                 position and background from the text (the demo's first table, as before);
+  two subjects   "<i> at the top left and <i> at the bottom right on a dotted background": each object's
+                 shape and colour right *at its stated place*, per object and both at once;
+  edits          source image + "make it blue": the edited attribute right, the other three kept.
+Rows per task: trained (the stage-3 export), initial (the same pipeline with a freshly initialised MLLM +
+aligner), teacher (the frozen U-Net prompted with the true caption of the target through its own CLIP
+text encoder: the upper bound of what the decoder can draw; for edits that is the *edited* scene's
+caption, so it never sees the source image). Each row comes again on the examples whose target holds a
+novel (held-out) (shape, colour) pair. Columns: the oracle's accuracies, CLIP-I / CLIP-T / DINO / FID
+from `kosmos_g.eval` with the tiny backbones (the teachers' CLIP, a random tiny DINO), against the
+rendered ground truth.
 """
 
 from __future__ import annotations
@@ -23,16 +29,63 @@ from PIL import Image
 from kosmos_g.eval.metrics import CLIPIScore, CLIPTScore, DINOScore, load_clip, load_dino, save_tiny_dino
 from kosmos_g.eval.protocols import fid_from_clip
 from kosmos_g.stages.instruct import instruction
-from kosmos_g.tinyworld import caption, subject_examples
-from kosmos_g.tinyworld.oracle import ATTRIBUTES, Oracle
+from kosmos_g.tinyworld import (HELDOUT_SHAPE_COLOUR, caption, edit_examples, subject_examples,
+                                two_subject_examples)
+from kosmos_g.tinyworld.oracle import (ATTRIBUTES, Oracle, attribute_accuracy, edit_accuracy, edited_attribute,
+                                       scene_accuracy)
 from kosmos_g.tinyworld.teachers import load_pipeline
 
 Generate = Callable[[list, int], torch.Tensor]  # (examples, seed) -> images [N, 3, H, W] in [0, 1]
-SUBJECT, SCENE = ("shape", "colour"), ("position", "background")
+TASKS = ("one subject", "two subjects", "edits")
+NOVEL = "novel pairs"   # the rows on examples whose target shows a held-out (shape, colour) pair
+METRICS = ("CLIP-I", "CLIP-T", "DINO", "FID")
+_N_VALUES = {a: len(v) for a, v in ATTRIBUTES.items()}
+# Oracle columns per task, with the chance level of a uniformly random guess (edits: computed per example set).
+COLUMNS = {
+    "one subject": {"shape": 100 / 5, "colour": 100 / 6, "position": 100 / 5, "background": 100 / 4,
+                    "all": 100 / (5 * 6 * 5 * 4)},
+    "two subjects": {"first": 100 / 30, "second": 100 / 30, "all objects": 100 / 900, "shape": 100 / 5,
+                     "colour": 100 / 6, "background": 100 / 4},
+    "edits": {"edited": None, "kept": None, "both": None, "colour edits": 100 / 6, "position edits": 100 / 5,
+              "shape edits": 100 / 5, "background edits": 100 / 4},
+}
 
 
-def test_examples(n: int, seed: int = 0, size: int = 32):
-    return subject_examples(n, seed, split="test", size=size)
+def test_examples(n: int, seed: int = 0, size: int = 32, task: str = "one subject"):
+    """`n` held-out examples of `task` (see `TASKS`)."""
+    make = {"one subject": subject_examples, "two subjects": two_subject_examples, "edits": edit_examples}
+    if task not in make:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return make[task](n, seed, split="test", size=size)
+
+
+def is_novel(example) -> bool:
+    """True if the example's target shows a held-out (shape, colour) pair."""
+    return any((o.shape, o.colour) in HELDOUT_SHAPE_COLOUR for o in example.target.objects)
+
+
+def oracle_scores(oracle: Oracle, images: torch.Tensor, examples, task: str) -> dict[str, float]:
+    """The oracle's accuracies (%) of `images` on `task`'s examples (see `COLUMNS`)."""
+    readings = oracle.predict(images)
+    targets = [e.target for e in examples]
+    scores = (attribute_accuracy(readings, targets) if task == "one subject" else
+              scene_accuracy(readings, targets) if task == "two subjects" else
+              edit_accuracy(readings, [e.source for e in examples], targets))
+    return {k: 100 * v for k, v in scores.items()}
+
+
+def chance(task: str, examples) -> dict[str, float]:
+    """Chance level (%) of each oracle column; for edits it depends on which attributes the examples edit
+    (a random image has the edited value with odds 1/values, and the other three with their product)."""
+    if task != "edits":
+        return dict(COLUMNS[task])
+    edited, kept = [], []
+    for e in examples:
+        what = edited_attribute(e.source, e.target)
+        edited.append(1 / _N_VALUES[what])
+        kept.append(float(np.prod([1 / n for a, n in _N_VALUES.items() if a != what])))
+    return {**COLUMNS["edits"], "edited": 100 * float(np.mean(edited)), "kept": 100 * float(np.mean(kept)),
+            "both": 100 * float(np.mean([a * b for a, b in zip(edited, kept)]))}
 
 
 def kosmos_generator(pipe, steps: int = 20, guidance: float = 4.0, batch_size: int = 50) -> Generate:
@@ -73,47 +126,66 @@ class WorldScorer:
             save_tiny_dino(dino_file)
         self.dino = load_dino(dino_file)
 
-    def __call__(self, images: torch.Tensor, examples) -> dict[str, float]:
+    def __call__(self, images: torch.Tensor, examples, task: str = "one subject") -> dict[str, dict[str, float]]:
+        """{"all": oracle columns + CLIP-I/CLIP-T/DINO/FID + n, NOVEL: oracle columns + n (the examples with a
+        novel (shape, colour) pair; no FID-like metric on a handful of images)}."""
         truth = torch.stack([_tensor(e.sample.target) for e in examples])
-        scores = {k: 100 * v for k, v in self.oracle.score(images, [e.target for e in examples]).items()}
+        scores = oracle_scores(self.oracle, images, examples, task)
         clip_i, dino, clip_t = CLIPIScore(self.clip), DINOScore(self.dino), CLIPTScore(self.clip)
         fid = fid_from_clip(self.clip)
-        for img, ref, ex in zip(images, truth, examples):
+        for img, ref in zip(images, truth):
             clip_i.update(img[None], ref[None])
             dino.update(img[None], ref[None])
         clip_t.update(list(images), [caption(e.target) for e in examples])
         fid.update(truth, real=True)
         fid.update(images, real=False)
         scores.update({"CLIP-I": clip_i.compute().item(), "CLIP-T": clip_t.compute().item(),
-                       "DINO": dino.compute().item(), "FID": fid.compute().item()})
-        return scores
+                       "DINO": dino.compute().item(), "FID": fid.compute().item(), "n": len(examples)})
+        novel = [i for i, e in enumerate(examples) if is_novel(e)]
+        subset = oracle_scores(self.oracle, images[novel], [examples[i] for i in novel], task) if novel else {}
+        return {"all": scores, NOVEL: {**subset, "n": len(novel)}}
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
-def table(rows: dict[str, dict[str, float]]) -> str:
-    """A markdown table: one row per pipeline; accuracies in %, chance noted in the header."""
-    chance = {a: 100 / len(v) for a, v in ATTRIBUTES.items()}
-    cols = [*SUBJECT, *SCENE, "all", "CLIP-I", "CLIP-T", "DINO", "FID"]
-    head = [f"{c} (chance {chance[c]:.0f}%)" if c in chance else c for c in cols]
+def table(task: str, rows: dict[str, dict[str, dict[str, float]]], examples) -> str:
+    """A markdown table for `task`: one row per pipeline on every example, then one per pipeline on the novel
+    (shape, colour) pairs only; accuracies in %, chance in the header; "-" where a value is not computed."""
+    odds = chance(task, examples)
+    cols = [*COLUMNS[task], *METRICS, "n"]
+    head = [f"{c} (chance {odds[c]:.1f}%)" if c in odds else c for c in cols]
     lines = ["| pipeline | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
-        cells = [f"{r[c]:.1f}" if c in chance or c == "all" else f"{r[c]:.3f}" if c != "FID" else f"{r[c]:.2f}"
-                 for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def cell(r: dict, c: str) -> str:
+        if c not in r:
+            return "-"
+        return f"{r[c]:.0f}" if c == "n" else f"{r[c]:.2f}" if c == "FID" else f"{r[c]:.3f}" if c in METRICS \
+            else f"{r[c]:.1f}"
+
+    for group in ("all", NOVEL):
+        for name, r in rows.items():
+            label = name if group == "all" else f"{NOVEL}: {name}"
+            lines.append(f"| {label} | " + " | ".join(cell(r[group], c) for c in cols) + " |")
     return "\n".join(lines)
 
 
-def save_comparison_grid(examples, generated: dict[str, torch.Tensor], path: Path, rows: int = 8,
+def _inputs(example) -> list[Image.Image]:
+    """The images of an example's prompt (subject crops or the edit's source), as the demo shows them."""
+    return [s for s in instruction(example.sample, random.Random(0), 1.0) if isinstance(s, Image.Image)]
+
+
+def save_comparison_grid(groups: list[tuple[list, dict[str, torch.Tensor]]], path: Path, rows: int = 4,
                          scale: int = 3) -> Path:
-    """PNG grid, one example per row: input subject | each pipeline's generation | ground truth."""
-    rng = random.Random(0)
+    """PNG grid, one example per row, `rows` rows per (examples, {pipeline: images}) group (one per task):
+    the prompt's images (two columns, blank when one) | each pipeline's generation | ground truth."""
     cells = []
-    for i, e in enumerate(examples[:rows]):
-        subject = next(s for s in instruction(e.sample, rng, 1.0) if isinstance(s, Image.Image))
-        cells.append([_tensor(subject)] + [g[i] for g in generated.values()] + [_tensor(e.sample.target)])
+    for examples, generated in groups:
+        for i, e in enumerate(examples[:rows]):
+            inputs = [_tensor(im) for im in _inputs(e)][:2]
+            inputs += [torch.ones_like(inputs[0])] * (2 - len(inputs))
+            cells.append(inputs + [g[i] for g in generated.values()] + [_tensor(e.sample.target)])
     size = cells[0][0].shape[-1]
     canvas = Image.new("RGB", (len(cells[0]) * size * scale, len(cells) * size * scale), "white")
     for r, row in enumerate(cells):

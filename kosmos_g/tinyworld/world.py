@@ -17,7 +17,8 @@ The world, read top to bottom:
      (`interleaved_samples`, the world's "web") show every combination;
   4. sample generators returning `kosmos_g.data.format.Sample`s of each kind. The subject, edit and
      caption generators come in two flavours: `*_examples` returns `Example(sample, target, source)`
-     (the ground-truth scenes, for scoring), `*_samples` returns just the `Sample`s.
+     (the ground-truth scenes, for scoring), `*_samples` returns just the `Sample`s. Subject samples
+     show one subject or, for a third of them (`two_subject_examples`), two.
 
 Everything is deterministic given the seed; generators with the same seed draw independent streams.
 """
@@ -265,15 +266,16 @@ class Example:
     source: Optional[Scene] = None
 
 
-def _rng(seed: int, kind: str, n: int, split: str = "train") -> np.random.Generator:
+def _rng(seed: int, kind: str, n: int, split: str = "train", stream: int = 0) -> np.random.Generator:
     """The generator's random stream, after checking its arguments."""
     _check_split(split)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    # Mixing the kind in keeps generators that share a seed independent of each other.
-    return np.random.default_rng([int(seed), SAMPLE_KINDS.index(kind)])
+    # Mixing the kind in keeps generators that share a seed independent of each other; `stream` > 0 gives
+    # a kind a second independent stream (two-subject samples) without touching the first one's draws.
+    return np.random.default_rng([int(seed), SAMPLE_KINDS.index(kind)] + ([stream] if stream else []))
 
 
 def _sentence(rng: np.random.Generator, scene: Scene) -> str:
@@ -360,6 +362,15 @@ def interleaved_samples(n: int, seed: int, size: int = 32) -> list[Sample]:
     return samples
 
 
+def _subject_image(rng: np.random.Generator, obj: Obj, split: str, size: int) -> tuple[Scene, SubjectImage]:
+    """The subject image of `obj`: the same object at a random place on a random background (a
+    train-legal one in train), cut out, and the same cut on white. Returns (source scene, image)."""
+    source = _draw_until(lambda: Scene((replace(obj, position=str(rng.choice(list(POSITIONS)))),),
+                                       str(rng.choice(BACKGROUNDS))),
+                         lambda scene: split == "test" or not is_heldout(scene), "subject sources")
+    return source, SubjectImage(crop_object(source, 0, size), crop_object(replace(source, background=WHITE), 0, size))
+
+
 def subject_examples(n: int, seed: int, split: str = "train", size: int = 32) -> list[Example]:
     """Subject-driven generation: the image carries the subject (shape, colour), the text its place.
 
@@ -372,11 +383,7 @@ def subject_examples(n: int, seed: int, split: str = "train", size: int = 32) ->
     for i in range(n):
         target = sample_scene(rng, split, 1)
         obj = target.objects[0]
-        source = _draw_until(lambda: Scene((replace(obj, position=str(rng.choice(list(POSITIONS)))),),
-                                           str(rng.choice(BACKGROUNDS))),
-                             lambda scene: split == "test" or not is_heldout(scene), "subject sources")
-        subject = SubjectImage(crop_object(source, 0, size),
-                               crop_object(replace(source, background=WHITE), 0, size))
+        source, subject = _subject_image(rng, obj, split, size)
         rest = f" {where(obj.position)} {on(target.background)}"
         form = int(rng.integers(3))
         segments = (["a ", Entity(obj.name), subject, rest] if form == 0 else
@@ -387,8 +394,59 @@ def subject_examples(n: int, seed: int, split: str = "train", size: int = 32) ->
     return examples
 
 
-def subject_samples(n: int, seed: int, split: str = "train", size: int = 32) -> list[Sample]:
-    return [e.sample for e in subject_examples(n, seed, split, size)]
+def two_subject_examples(n: int, seed: int, split: str = "train", size: int = 32) -> list[Example]:
+    """Two subjects in one prompt (Kosmos-G's "<dog> wearing <hat>"): a two-object target scene, each
+    object shown by its own subject image, the text giving both places and the background:
+
+    ["a ", Entity("red circle"), img1, " at the top left and a ", Entity("blue square"), img2,
+     " at the bottom right on a dotted background"], or without the entity words, or image first
+    ([img1, " at the top left and ", img2, " at the bottom right on ..."]). Objects sit at two distinct
+    corners (`Scene` keeps several objects off the centre). In test, the target holds a held-out
+    combination (any object's (shape, colour) or (colour, background)); in train, neither the target nor
+    a subject's source does. `source`: the first subject's source scene (the second's is in the image).
+
+    A random stream of its own (not `subject_examples`'), so the one-subject samples stay as they were."""
+    rng = _rng(seed, "subject", n, split, stream=2)
+    examples = []
+    for i in range(n):
+        target = _draw_until(lambda: _random_scene(rng, 2), lambda s: is_heldout(s) == (split == "test"),
+                             "two-object scenes")
+        (a, b), form = target.objects, int(rng.integers(3))
+        (source, img_a), (_, img_b) = (_subject_image(rng, o, split, size) for o in (a, b))
+        entity = (lambda o: ["a ", Entity(o.name)]) if form == 0 else (lambda o: ["a "]) if form == 1 else \
+            (lambda o: [])
+        segments = [*entity(a), img_a, f" {where(a.position)} and ", *entity(b), img_b,
+                    f" {where(b.position)} {on(target.background)}"]
+        if form != 2:   # " at the top left and " + "a ": one string, so text and images alternate
+            at = segments.index(img_a) + 1
+            segments[at:at + 2] = [segments[at] + segments[at + 1]]
+        key = f"tiny_subject2_{split}_{seed}_{i:06d}"
+        examples.append(Example(Sample("subject", segments, render(target, size), key=key), target, source))
+    return examples
+
+
+# Share of stage-3 subject samples with two subjects. A third: enough that stage 3 sees ~1,000 two-subject
+# prompts in the demo, while two thirds stay one-subject, so the one-subject table stays comparable.
+TWO_SUBJECT_SHARE = 1 / 3
+
+
+def subject_samples(n: int, seed: int, split: str = "train", size: int = 32,
+                    two_subject_share: float = TWO_SUBJECT_SHARE) -> list[Sample]:
+    """`n` subject samples: round(n * two_subject_share) two-subject ones spread evenly among the rest.
+
+    The one-subject samples are `subject_examples(n_one, seed, ...)`' exactly (same stream, same keys)."""
+    if not 0 <= two_subject_share <= 1:
+        raise ValueError(f"two_subject_share is a fraction of samples, so it must be in [0, 1]; "
+                         f"got {two_subject_share}")
+    n_two = round(n * two_subject_share)
+    one = [e.sample for e in subject_examples(n - n_two, seed, split, size)]
+    two = [e.sample for e in two_subject_examples(n_two, seed, split, size)]
+    # Spread: sample i is two-subject when floor((i+1) * share) steps up, so shards mix both kinds.
+    out, it_one, it_two = [], iter(one), iter(two)
+    for i in range(n):
+        step_up = n_two and (i + 1) * n_two // n != i * n_two // n
+        out.append(next(it_two) if step_up else next(it_one))
+    return out
 
 
 def _random_edit(rng: np.random.Generator) -> tuple[Scene, str, Scene]:

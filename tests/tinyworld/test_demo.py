@@ -15,12 +15,26 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
     rows = main(["--quick", "--runs-dir", str(tmp_path), "--run-name", "mini"])
     run = tmp_path / "mini"
-    assert set(rows) == {"trained (ours)", "initial MLLM + aligner", "teacher U-Net + true caption (upper bound)"}
-    for r in rows.values():
-        assert {"shape", "colour", "position", "background", "CLIP-I", "CLIP-T", "DINO", "FID"} <= set(r)
-        assert all(0 <= r[a] <= 100 for a in ("shape", "colour", "position", "background"))
+    pipelines = {"trained (ours)", "initial MLLM + aligner", "teacher U-Net + true caption (upper bound)"}
+    assert set(rows) == {"one subject", "two subjects", "edits"}
+    assert set(rows["one subject"]) == set(rows["two subjects"]) == pipelines
+    assert set(rows["edits"]) == pipelines | {"source image, unchanged (reference)"}
+    columns = {"one subject": {"shape", "colour", "position", "background", "all"},
+               "two subjects": {"first", "second", "all objects", "shape", "colour", "background"},
+               "edits": {"edited", "kept", "both"}}
+    for task, table in rows.items():
+        for r in table.values():
+            assert columns[task] | {"CLIP-I", "CLIP-T", "DINO", "FID"} <= set(r["all"])
+            assert r["all"]["n"] == 8 and 0 <= r["novel pairs"]["n"] <= 8
+            for group in r.values():   # every accuracy is a percentage
+                assert all(0 <= group[c] <= 100 for c in columns[task] if c in group)
+    # Handing back the source keeps every other attribute and gets no edit right: the edit scoring is sound.
+    source = rows["edits"]["source image, unchanged (reference)"]["all"]
+    assert source["edited"] <= 25 and source["kept"] >= 75
     results = (run / "demo_results.md").read_text()
-    assert "| trained (ours) |" in results and "chance 20%" in results
+    assert "| trained (ours) |" in results and "chance 20.0%" in results
+    for title in ("## one subject", "## two subjects", "## edits", "| novel pairs: trained (ours) |"):
+        assert title in results
     assert (run / "demo_grid.png").stat().st_size > 0
     for stage in ("mllm", "align", "instruct"):
         assert (run / stage / "export" / "manifest.json").is_file()
