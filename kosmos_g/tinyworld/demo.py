@@ -35,10 +35,14 @@ from kosmos_g.tinyworld.data import write_world_shards
 from kosmos_g.tinyworld.evaluate import (NOVEL, TASKS, WorldScorer, kosmos_generator, save_comparison_grid, table,
                                          teacher_generator, test_examples)
 from kosmos_g.tinyworld.oracle import to_tensor
-from kosmos_g.tinyworld.teachers import is_complete, shipped_teachers, train_teachers
+from kosmos_g.tinyworld.teachers import is_complete, teacher_settings, train_teachers
 from kosmos_g.tinyworld.world import edit_examples
 from kosmos_g.train import main as train
 
+# The teachers for budget "default", seed 0, 32 px, trained once and committed (6 MB of safetensors) by
+#   python -m kosmos_g.tinyworld.teachers --out kosmos_g/tinyworld/shipped_teachers
+# They stand in for weights a real user downloads; training them was most of a cold demo.
+SHIPPED_TEACHERS = Path(__file__).resolve().parent / "shipped_teachers"
 TRAINED, SOURCE = "trained (ours)", "source image, unchanged (reference)"
 # Per stage: steps, batch size and any other overrides; the learning rates are the tiny recipe's
 # (configs/recipe/tiny/<stage>.yaml). --quick is the tests' mini version. Stage 1 runs 1,200 steps: after 600 the
@@ -137,9 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     step("world", lambda: write_world_shards(root / "data", seed=0, samples=plan["samples"], size=32))
     def teachers_step():
-        out, shipped = root / "teachers", shipped_teachers(seed=0, size=32, budget=plan["teachers"])
-        if shipped is not None and not args.train_teachers and not is_complete(out):
-            shutil.copytree(shipped, out, dirs_exist_ok=True)  # train_teachers then finds them finished
+        out, settings = root / "teachers", teacher_settings(plan["teachers"], seed=0, size=32)
+        if is_complete(SHIPPED_TEACHERS, settings) and not args.train_teachers and not is_complete(out):
+            shutil.copytree(SHIPPED_TEACHERS, out, dirs_exist_ok=True)  # train_teachers then finds them finished
         return train_teachers(out, seed=0, size=32, budget=plan["teachers"])
 
     teachers = step("teachers", teachers_step)

@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -53,9 +52,9 @@ from transformers.utils import logging as hf_logging
 from kosmos_g.config import AlignerConfig
 from kosmos_g.models.diffusion import SD15_SCHEDULER, build_tiny_unet, build_tiny_vae
 from kosmos_g.models.tokenizers import train_clip_tokenizer
-from kosmos_g.tinyworld.oracle import Oracle, all_scenes, degrade, scene_accuracy, train_oracle
+from kosmos_g.tinyworld.oracle import degrade, train_oracle
 from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images, near_misses, world_data
-from kosmos_g.tinyworld.world import Scene, caption, is_heldout, two_subject_examples
+from kosmos_g.tinyworld.world import Scene
 
 MANIFEST = "teachers.json"
 CLIP_MAX_TOKENS = AlignerConfig.num_queries  # the U-Net condition length (SD v1.5: 77): captions are padded to it
@@ -345,7 +344,9 @@ def _resolve(budget: Union[str, TeacherConfig]) -> TeacherConfig:
     return BUDGETS[budget]
 
 
-def _settings(cfg: TeacherConfig, seed: int, size: int) -> dict:
+def teacher_settings(budget: Union[str, TeacherConfig], seed: int, size: int) -> dict:
+    """What a teachers folder records it was made with (`is_complete` compares it)."""
+    cfg = _resolve(budget)
     return json.loads(json.dumps({"config": asdict(cfg), "seed": seed, "size": size}))  # tuples -> lists
 
 
@@ -367,7 +368,7 @@ def train_teachers(out_dir: Union[str, Path], seed: int = 0, size: int = 32,
     or a `TeacherConfig`. A finished `out_dir` made with the same settings is returned untouched; one
     made with other settings is rebuilt."""
     cfg = _resolve(budget)
-    out, settings = Path(out_dir), _settings(cfg, seed, size)
+    out, settings = Path(out_dir), teacher_settings(cfg, seed, size)
     if is_complete(out, settings):
         _log(f"reusing the teachers in {out}")
         return out
@@ -472,20 +473,26 @@ def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], steps: int =
     return torch.cat(chunks).float().clamp(0, 1)
 
 
-def caption_accuracy(teachers: Union[str, Path], split: str = "test", n: int = 100, steps: int = 20,
-                     guidance: float = 5.0, seed: int = 0, objects: int = 1) -> dict[str, float]:
-    """The SD teacher's caption -> image accuracy on `n` scenes of `split` with `objects` objects, by the oracle:
-    one object: `attribute_accuracy`; two: `scene_accuracy` (every object at its stated place).
+# ---- the command ---------------------------------------------------------------------------------
 
-    This is the demo's upper bound: what the frozen decoder can draw when handed the true caption."""
-    if objects == 1:
-        pool = [s for s in all_scenes() if is_heldout(s) == (split == "test")]
-        pick = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-        scenes = [pool[i] for i in pick]
-    elif objects == 2:
-        scenes = [e.target for e in two_subject_examples(n, seed, split)]
-    else:
-        raise ValueError(f"objects must be 1 or 2, got {objects}")
-    images = generate(load_pipeline(Path(teachers) / "sd"), [caption(s) for s in scenes], steps, guidance, seed)
-    oracle = Oracle.from_pretrained(Path(teachers) / "oracle")
-    return oracle.score(images, scenes) if objects == 1 else scene_accuracy(oracle.predict(images), scenes)
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the tiny world's teachers (CLIP, SD folder, oracle) into a "
+                                                 "folder; the demo's shipped set: --out kosmos_g/tinyworld/shipped_teachers")
+    parser.add_argument("--out", required=True, help="the teachers folder (replaced if made with other settings)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)  # as the demo trains them: the shipped files are what a demo run would make
+    train_teachers(args.out, seed=args.seed, size=args.size, budget=args.budget)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -167,3 +167,17 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
         train_teachers(tmp_path, budget="quick")
     with pytest.raises(ValueError, match="unknown teacher budget"):
         train_teachers(tmp_path / "new", budget="huge")
+
+
+def test_the_shipped_teachers_are_the_demos_and_load():
+    """The demo copies kosmos_g/tinyworld/shipped_teachers when they were made with its settings; a changed
+    TeacherConfig must come with a rebuilt set (else every cold demo silently trains them again)."""
+    from kosmos_g.tinyworld.demo import FULL, SHIPPED_TEACHERS
+    from kosmos_g.tinyworld.teachers import is_complete, teacher_settings
+
+    assert is_complete(SHIPPED_TEACHERS, teacher_settings(FULL["teachers"], seed=0, size=32)), (
+        "the shipped teachers were made with other settings: rebuild them with "
+        "`python -m kosmos_g.tinyworld.teachers --out kosmos_g/tinyworld/shipped_teachers`")
+    assert FrozenDiffusion.from_pretrained(str(SHIPPED_TEACHERS / "sd")).cross_attention_dim > 0
+    Oracle.from_pretrained(SHIPPED_TEACHERS / "oracle")
+    load_clip(SHIPPED_TEACHERS / "clip")
