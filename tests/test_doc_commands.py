@@ -58,6 +58,7 @@ CANNOT_RUN = [
     (r"kosmos_g\.convert official", "needs the authors' released checkpoints (no download here); "
                                      "tests/test_official.py converts fake ones in their format"),
     (r"--pipeline kosmos-g-", "a converted release (needs the released checkpoints)"),
+    (r"kosmos_g\.tinyworld\.demo", "the 10-minute demo: tests/tinyworld/test_demo.py runs its --quick version"),
     (r"kosmos_g\.tinyworld\.teachers", "trains for ~7 min; tests/tinyworld/test_teachers.py trains the quick one"),
     (r"kosmos_g\.app\b", "a web server that runs until stopped: tests/test_app.py starts the README's app "
                           "commands as written and drives them"),
@@ -117,7 +118,7 @@ def run_command(cmd: Command, monkeypatch) -> str:
     from kosmos_g import app, evaluate, generate, train
     from kosmos_g import convert as convert_official
     from kosmos_g.data import cache, convert
-    from kosmos_g.tinyworld import data as tinyworld_data, teachers
+    from kosmos_g.tinyworld import data as tinyworld_data, demo, teachers
 
     argv = shlex.split(cmd.text, comments=True)
     reason = cannot_run(cmd.text)
@@ -149,6 +150,7 @@ def run_command(cmd: Command, monkeypatch) -> str:
                  "kosmos_g.evaluate": (evaluate.main, evaluate.build_parser().parse_args, SMALL["evaluate"]),
                  "kosmos_g.convert": (convert_official.main, convert_official.build_parser().parse_args, []),
                  "kosmos_g.app": (app.main, app.parse_args, []),
+                 "kosmos_g.tinyworld.demo": (demo.main, demo.build_parser().parse_args, []),
                  "kosmos_g.tinyworld.teachers": (teachers.main, teachers.build_parser().parse_args, []),
                  "kosmos_g.tinyworld.data": (tinyworld_data.main, tinyworld_data.build_parser().parse_args,
                                              SMALL["tinyworld"])}

@@ -115,8 +115,7 @@ def save_app_examples(root: Path, n: int = 4) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns the tables: {task: {pipeline: {"all": scores, "novel pairs": scores}}}."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-name", default="demo")
     parser.add_argument("--runs-dir", default="runs")
@@ -125,7 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the stages' seed (initialisation, data order, noise); the world and teachers stay seed 0")
     parser.add_argument("--train-teachers", action="store_true",
                         help="train the teachers here instead of copying the shipped ones (~6-9 min on 2 cores)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns the tables: {task: {pipeline: {"all": scores, "novel pairs": scores}}}."""
+    args = build_parser().parse_args(argv)
     plan = QUICK if args.quick else FULL
     root = Path(args.runs_dir) / args.run_name
     # Tiny models gain little from a second thread and lose a lot when another process wants the core.
