@@ -67,7 +67,6 @@ class TrainingHealth(L.Callback):
         self.skipped = Counter(state_dict.get("skipped", {}))
 
 
-
 def _all_reduce(values: list[float], trainer, op: str = "sum") -> list[float]:
     """`values` reduced over all ranks (as is with one process). One small collective."""
     if trainer.world_size <= 1 or not torch.distributed.is_initialized():

@@ -38,7 +38,6 @@ def _field_type(dotted: str) -> Any:
     return node
 
 
-
 def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
     """Fail early, with the allowed keys and a guess, on an override naming no schema key.
 

@@ -1,5 +1,5 @@
 """Tiny random models for tests and docs, built from the tiny preset in about a second on CPU, and a reader of
-what a training run logs (`read_steps`).
+what a training run logs (`read_steps`, `read_scalars`, also used by the demo).
 
 Nothing in training or inference imports this module. The tiny U-Net/VAE themselves live in
 `kosmos_g.models.diffusion` (the tiny preset trains them); the tiny tokenizers in `kosmos_g.models.tokenizers`.
@@ -98,3 +98,12 @@ def read_steps(path: Path) -> dict[int, dict]:
             rec = json.loads(line)
             out[rec["step"]] = rec
     return out
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a TensorBoard log folder: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

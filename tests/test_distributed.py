@@ -159,7 +159,7 @@ def torchrun(root: Path, mode: str) -> None:
 @pytest.mark.slow
 def test_every_stage_runs_its_defaults_under_ddp_and_fsdp_with_uneven_ranks(tmp_path):
     from kosmos_g.eval.metrics import save_tiny_clip, save_tiny_dino
-    from kosmos_g.tinyworld.demo import read_scalars
+    from kosmos_g.testing import read_scalars
 
     if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
         pytest.skip(f"{DREAMBENCH} not present (validation needs DreamBench)")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kosmos_g.config import load_config
-from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.testing import read_scalars
 from kosmos_g.callbacks import TrainingDiverged
 from kosmos_g.testing import read_steps
 from kosmos_g.train import main, run

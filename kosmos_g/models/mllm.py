@@ -242,8 +242,9 @@ def build_mllm(model_cfg, tokenizer) -> MultimodalLM:
             layers=llm.num_layers, ffn_dim=llm.ffn_dim, attention_heads=llm.num_heads, activation_function="gelu",
             dropout=llm.dropout, attention_dropout=llm.attention_dropout, activation_dropout=0.0,
             layer_norm_eps=llm.layer_norm_eps, scale_embedding=True, tie_word_embeddings=True, use_cache=False,
-            # fairseq's N(0, d^-0.5) (the original's embedding init): transformers' fixed 0.02 is the same at d=2048, but at
-            # the tiny d=64 the sinusoidal positions then drown the token embeddings (scaled by sqrt(d)).
+            # std d^-0.5 for every text weight (transformers' Kosmos-2 uses one std for embeddings and linear layers):
+            # fairseq's embedding init, the original's. transformers' fixed 0.02 is the same at d=2048, but at the
+            # tiny d=64 the sinusoidal positions then drown the token embeddings (scaled by sqrt(d)).
             init_std=llm.hidden_size ** -0.5,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id),

@@ -1,4 +1,4 @@
-"""The stage toolkit: freezing, which parameters train, the optimiser recipe, and loading / saving parts.
+"""The stage toolkit: which parameters train, the optimiser recipe, and loading / saving parts.
 
 The run-level callbacks (seeding, numerical guard, preemption, logging) are `kosmos_g.callbacks`."""
 

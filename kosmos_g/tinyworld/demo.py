@@ -31,6 +31,7 @@ from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.pipeline import KosmosGPipeline
 from kosmos_g.stages.common import load_mllm
 from kosmos_g.stages.instruct import instruction
+from kosmos_g.testing import read_scalars
 from kosmos_g.tinyworld.data import write_world_shards
 from kosmos_g.tinyworld.evaluate import (NOVEL, TASKS, WorldScorer, kosmos_generator, save_comparison_grid, table,
                                          teacher_generator, test_examples)
@@ -39,7 +40,7 @@ from kosmos_g.tinyworld.teachers import is_complete, teacher_settings, train_tea
 from kosmos_g.tinyworld.world import edit_examples
 from kosmos_g.train import main as train
 
-# The teachers for budget "default", seed 0, 32 px, trained once and committed (6 MB of safetensors) by
+# The teachers for budget "default", seed 0, 32 px, trained once and committed (6.7 MB of safetensors) by
 #   python -m kosmos_g.tinyworld.teachers --out kosmos_g/tinyworld/shipped_teachers
 # They stand in for weights a real user downloads; training them was most of a cold demo.
 SHIPPED_TEACHERS = Path(__file__).resolve().parent / "shipped_teachers"
@@ -52,15 +53,6 @@ FULL = dict(samples=3000, teachers="default", test=200, stages={
     "mllm": (1200, 32, []), "align": (1000, 16, []), "instruct": (2000, 8, [])})
 QUICK = dict(samples=150, teachers="quick", test=8, stages={"mllm": (4, 4, []), "align": (4, 4, []),
                                                              "instruct": (4, 4, [])})
-
-
-def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of a TensorBoard log folder: tag -> [(step, value), ...] (the demo's summary; the tests)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _fall(logdir: Path, tag: str) -> str:
@@ -123,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="the stages' seed (initialisation, data order, noise); the world and teachers stay seed 0")
     parser.add_argument("--train-teachers", action="store_true",
-                        help="train the teachers here instead of copying the shipped ones (~6-9 min on 2 cores)")
+                        help="train the teachers here instead of copying the shipped ones (~9 min on 2 cores; "
+                             "a run folder that already holds a matching set keeps it)")
     return parser
 
 
@@ -144,10 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     step("world", lambda: write_world_shards(root / "data", seed=0, samples=plan["samples"], size=32))
+
     def teachers_step():
         out, settings = root / "teachers", teacher_settings(plan["teachers"], seed=0, size=32)
-        if is_complete(SHIPPED_TEACHERS, settings) and not args.train_teachers and not is_complete(out):
-            shutil.copytree(SHIPPED_TEACHERS, out, dirs_exist_ok=True)  # train_teachers then finds them finished
+        if not args.train_teachers and is_complete(SHIPPED_TEACHERS, settings) and not is_complete(out, settings):
+            shutil.rmtree(out, ignore_errors=True)  # e.g. teachers of older settings: replaced, not retrained
+            shutil.copytree(SHIPPED_TEACHERS, out)  # train_teachers then finds them finished
         return train_teachers(out, seed=0, size=32, budget=plan["teachers"])
 
     teachers = step("teachers", teachers_step)

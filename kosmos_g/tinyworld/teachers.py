@@ -57,7 +57,7 @@ from kosmos_g.tinyworld.teacher_data import PARTIALS, closeup_data, codec_images
 from kosmos_g.tinyworld.world import Scene
 
 MANIFEST = "teachers.json"
-CLIP_MAX_TOKENS = AlignerConfig.num_queries  # the U-Net condition length (SD v1.5: 77): captions are padded to it
+CLIP_MAX_TOKENS = AlignerConfig.num_queries  # the schema default condition length (SD v1.5: 77): captions pad to it
 # diffusers asks for `accelerate` unless told not to use low_cpu_mem_usage (as models/diffusion.py does).
 LOAD_KW = dict(local_files_only=True, low_cpu_mem_usage=is_accelerate_available())
 
@@ -364,7 +364,7 @@ def train_teachers(out_dir: Union[str, Path], seed: int = 0, size: int = 32,
                    budget: Union[str, TeacherConfig] = "default") -> Path:
     """Train (or reuse) CLIP, the SD folder and the oracle under `out_dir`; return `out_dir`.
 
-    budget: "default" (the demo: a few minutes on 2 cores), "quick" (tests: seconds, weak teachers)
+    budget: "default" (the demo's, shipped in kosmos_g/tinyworld/shipped_teachers: ~9 min on 2 cores), "quick" (tests: seconds, weak teachers)
     or a `TeacherConfig`. A finished `out_dir` made with the same settings is returned untouched; one
     made with other settings is rebuilt."""
     cfg = _resolve(budget)
@@ -495,4 +495,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -197,8 +197,8 @@ def _templates(size: int) -> tuple[list[Scene], np.ndarray]:
 def read_scene(image: Image.Image) -> Scene:
     """The one-object scene whose rendering is nearest to `image` (L2 over RGB pixels).
 
-    A scorer for generated images: subject and edit targets are one-object scenes, so comparing
-    `read_scene(generated)` with the `Example.target` gives per-attribute accuracy."""
+    A scorer for clean renders of one-object scenes (edit targets, one-subject targets): comparing
+    `read_scene(image)` with the `Example.target` gives per-attribute accuracy. Generated images: the oracle."""
     if image.width != image.height:
         raise ValueError(f"read_scene needs a square image, got {image.width}x{image.height}")
     scenes, pixels = _templates(image.width)

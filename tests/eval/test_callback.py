@@ -29,7 +29,7 @@ from kosmos_g.eval.metrics import (TINY_DINO_KWARGS, dino_kwargs_file, load_dino
                                    save_tiny_dino)
 from kosmos_g.pipeline import KosmosGPipeline
 from kosmos_g.testing import build_tiny_pipeline
-from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.testing import read_scalars
 
 SHARED = Path(__file__).parents[2].parent / "shared" / "dreambench"
 needs_shared = pytest.mark.skipif(not (SHARED / PROMPTS_FILE).is_file(), reason=f"{SHARED} not present")

@@ -10,7 +10,7 @@ from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.mllm import MultimodalLM
 from kosmos_g.processor import KosmosGProcessor
 from kosmos_g.run import RunPaths
-from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.testing import read_scalars
 from kosmos_g.stages.align import build
 from kosmos_g.stages.common import trainable_names
 from kosmos_g.train import main

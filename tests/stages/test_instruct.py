@@ -8,7 +8,7 @@ import torch
 from kosmos_g.config import load_config
 from kosmos_g.pipeline import KosmosGPipeline, condition
 from kosmos_g.run import RunPaths
-from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.testing import read_scalars
 from kosmos_g.stages.common import trainable_names
 from kosmos_g.stages.instruct import build, instruction
 from kosmos_g.tinyworld import subject_samples

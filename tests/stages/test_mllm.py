@@ -7,7 +7,7 @@ import torch
 
 from kosmos_g.config import load_config
 from kosmos_g.run import RunPaths
-from kosmos_g.tinyworld.demo import read_scalars
+from kosmos_g.testing import read_scalars
 from kosmos_g.stages.common import trainable_names
 from kosmos_g.stages.mllm import build
 from kosmos_g.train import main
