@@ -41,13 +41,14 @@ NOVEL = "novel pairs"   # the rows on examples whose target shows a held-out (sh
 METRICS = ("CLIP-I", "CLIP-T", "DINO", "FID")
 _N_VALUES = {a: len(v) for a, v in ATTRIBUTES.items()}
 # Oracle columns per task, with the chance level of a uniformly random guess (edits: computed per example set).
+_ODDS = {a: 100 / n for a, n in _N_VALUES.items()}  # shape, colour, position, background
+_PAIR = _N_VALUES["shape"] * _N_VALUES["colour"]      # an object's shape and colour both right: 1 in 30
 COLUMNS = {
-    "one subject": {"shape": 100 / 5, "colour": 100 / 6, "position": 100 / 5, "background": 100 / 4,
-                    "all": 100 / (5 * 6 * 5 * 4)},
-    "two subjects": {"first": 100 / 30, "second": 100 / 30, "all objects": 100 / 900, "shape": 100 / 5,
-                     "colour": 100 / 6, "background": 100 / 4},
-    "edits": {"edited": None, "kept": None, "both": None, "colour edits": 100 / 6, "position edits": 100 / 5,
-              "shape edits": 100 / 5, "background edits": 100 / 4},
+    "one subject": {**_ODDS, "all": 100 / float(np.prod(list(_N_VALUES.values())))},
+    "two subjects": {"first": 100 / _PAIR, "second": 100 / _PAIR, "all objects": 100 / _PAIR ** 2,
+                     **{a: _ODDS[a] for a in ("shape", "colour", "background")}},
+    "edits": {"edited": None, "kept": None, "both": None,
+              **{f"{a} edits": _ODDS[a] for a in ("colour", "position", "shape", "background")}},
 }
 
 
