@@ -48,6 +48,8 @@ CANNOT_RUN = [
     (r"^make venv\b", "installs packages from the index: checked with `make -n`"),
     (r"^torchrun\b", "starts several processes (8 GPUs); CPU multi-process runs are tests/test_distributed.py's"),
     (r"^srun\b", "SLURM"),
+    (r"kosmos_g\.tinyworld\.probe\b", "reads a finished demo run (runs/demo); tests/tinyworld/test_demo.py runs it "
+                                     "on the mini demo's"),
     (r"\bmodel=paper\b", "needs the paper's weights (SD v1.5, CLIP ViT-L/14, a Llama tokenizer) and GPUs"),
     (r"\btrainer=(ddp|a100_fsdp|v100_fsdp)\b(?!.*trainer\.accelerator=cpu)", "needs GPUs"),
     (r"\beval\.every_n_steps=[1-9]", "needs DreamBench and the CLIP / DINO weights"),
@@ -118,7 +120,7 @@ def run_command(cmd: Command, monkeypatch) -> str:
     from kosmos_g import app, evaluate, generate, train
     from kosmos_g import convert as convert_official
     from kosmos_g.data import cache, convert
-    from kosmos_g.tinyworld import data as tinyworld_data, demo, teachers
+    from kosmos_g.tinyworld import data as tinyworld_data, demo, probe, teachers
 
     argv = shlex.split(cmd.text, comments=True)
     reason = cannot_run(cmd.text)
@@ -152,6 +154,7 @@ def run_command(cmd: Command, monkeypatch) -> str:
                  "kosmos_g.app": (app.main, app.parse_args, []),
                  "kosmos_g.tinyworld.demo": (demo.main, demo.build_parser().parse_args, []),
                  "kosmos_g.tinyworld.teachers": (teachers.main, teachers.build_parser().parse_args, []),
+                 "kosmos_g.tinyworld.probe": (probe.main, probe.build_parser().parse_args, []),
                  "kosmos_g.tinyworld.data": (tinyworld_data.main, tinyworld_data.build_parser().parse_args,
                                              SMALL["tinyworld"])}
         assert module in mains, f"{cmd}: no rule to run python -m {module}; add one to run_command"

@@ -48,7 +48,8 @@ COLUMNS = {
     "two subjects": {"first": 100 / _PAIR, "second": 100 / _PAIR, "all objects": 100 / _PAIR ** 2,
                      **{a: _ODDS[a] for a in ("shape", "colour", "background")}},
     "edits": {"edited": None, "kept": None, "both": None,
-              **{f"{a} edits": _ODDS[a] for a in ("colour", "position", "shape", "background")}},
+              **{f"{a} edits": _ODDS[a] for a in ("colour", "position", "shape", "background")},
+              **{f"kept {a}": _ODDS[a] for a in ("shape", "colour", "position", "background")}},
 }
 
 

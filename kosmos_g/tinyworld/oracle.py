@@ -263,17 +263,22 @@ def edited_attribute(source: Scene, target: Scene) -> str:
 def edit_accuracy(predicted: Sequence[Union[Reading, Scene]], sources: Sequence[Scene],
                   targets: Sequence[Scene]) -> dict[str, float]:
     """Fractions of edits with the edited attribute right ("edited"), the other three as in the source
-    ("kept"), and both ("both"); plus "<attribute> edits": "edited" among the edits of each attribute."""
+    ("kept"), and both ("both"); "<attribute> edits": "edited" among the edits of each attribute; "kept
+    <attribute>": that attribute as in the source among the edits that leave it alone."""
     _check_lengths(predicted, targets)
-    hits = {"edited": [], "kept": [], "both": [], **{f"{a} edits": [] for a in ATTRIBUTES}}
+    hits = {"edited": [], "kept": [], "both": [], **{f"{a} edits": [] for a in ATTRIBUTES},
+            **{f"kept {a}": [] for a in ATTRIBUTES}}
     for p, s, t in zip(predicted, sources, targets):
         what, read, want = edited_attribute(s, t), _attributes(p), _attributes(t)
         edited = read[what] == want[what]
-        kept = all(read[a] == want[a] for a in ATTRIBUTES if a != what)
+        kept = [a for a in ATTRIBUTES if a != what and read[a] == want[a]]
         hits["edited"].append(edited)
-        hits["kept"].append(kept)
-        hits["both"].append(edited and kept)
+        hits["kept"].append(len(kept) == len(ATTRIBUTES) - 1)
+        hits["both"].append(edited and hits["kept"][-1])
         hits[f"{what} edits"].append(edited)
+        for a in ATTRIBUTES:
+            if a != what:
+                hits[f"kept {a}"].append(a in kept)
     return {k: float(np.mean(h)) for k, h in hits.items() if h}
 
 

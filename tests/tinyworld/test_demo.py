@@ -6,13 +6,14 @@ import nbformat
 from nbclient import NotebookClient
 import pytest
 
+from kosmos_g.tinyworld import probe
 from kosmos_g.tinyworld.demo import main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
+def test_quick_demo_runs_all_stages_the_probe_and_the_notebook(tmp_path, monkeypatch, capsys):
     rows = main(["--quick", "--runs-dir", str(tmp_path), "--run-name", "mini"])
     run = tmp_path / "mini"
     pipelines = {"trained (ours)", "initial MLLM + aligner", "teacher U-Net + true caption (upper bound)"}
@@ -21,7 +22,7 @@ def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
     assert set(rows["edits"]) == pipelines | {"source image, unchanged (reference)"}
     columns = {"one subject": {"shape", "colour", "position", "background", "all"},
                "two subjects": {"first", "second", "all objects", "shape", "colour", "background"},
-               "edits": {"edited", "kept", "both"}}
+               "edits": {"edited", "kept", "both", "kept shape", "kept colour", "kept position", "kept background"}}
     for task, table in rows.items():
         for r in table.values():
             assert columns[task] | {"CLIP-I", "CLIP-T", "DINO", "FID"} <= set(r["all"])
@@ -44,6 +45,13 @@ def test_quick_demo_runs_all_stages_and_the_notebook(tmp_path, monkeypatch):
     assert len(examples["generate"]) == 4 and len(examples["edit"]) == 2
     for prompt, *images in examples["generate"]:
         assert prompt.count("<i>") == len([im for im in images if im]) and Path(images[0]).is_file()
+
+    # The image-path probe reads both stages' exports: one row per point, a percentage in every cell.
+    capsys.readouterr()
+    assert probe.main([str(run), "--train", "60", "--test", "40"]) == 0
+    rows_out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows_out[1:]] == list(probe.POINTS)
+    assert all(0 <= float(v) <= 100 for r in rows_out[1:] for v in r.strip("| ").split(" | ")[1:])
 
     nb = nbformat.read(REPO / "notebooks" / "tinyworld.ipynb", as_version=4)
     monkeypatch.setenv("KOSMOS_G_RUN", str(run))

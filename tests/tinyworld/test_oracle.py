@@ -1,5 +1,7 @@
 """The oracle reads every object of a scene, and the demo's two-subject and edit scores mean what they say."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import ImageFilter
@@ -62,9 +64,16 @@ def test_edit_scoring_of_the_true_target_is_perfect_and_of_the_source_edits_noth
     sources, targets = [e.source for e in examples], [e.target for e in examples]
     assert edit_accuracy(targets, sources, targets) == pytest.approx(
         {"edited": 1.0, "kept": 1.0, "both": 1.0, "colour edits": 1.0, "position edits": 1.0, "shape edits": 1.0,
-         "background edits": 1.0})
+         "background edits": 1.0, "kept shape": 1.0, "kept colour": 1.0, "kept position": 1.0,
+         "kept background": 1.0})
     unchanged = edit_accuracy(sources, sources, targets)
     assert unchanged["edited"] == 0 and unchanged["kept"] == 1
+    assert all(unchanged[f"kept {a}"] == 1 for a in ("shape", "colour", "position", "background"))
+    # kept <attribute> counts only the edits that leave it alone: a source moved elsewhere keeps no position.
+    moved = [replace(s, objects=(replace(s.objects[0], position="centre" if s.objects[0].position != "centre"
+                                         else "top left"),)) for s in sources]
+    scores = edit_accuracy(moved, sources, targets)
+    assert scores["kept position"] == 0 and scores["kept shape"] == 1 and scores["kept colour"] == 1
     # The same through the oracle and the demo's scorer, on the rendered truth.
     truth = oracle_scores(oracle, to_tensor([e.sample.target for e in examples]), examples, "edits")
     assert truth["edited"] >= 97 and truth["kept"] >= 97
