@@ -16,6 +16,7 @@ A second run reuses every finished step (shards, teachers, stage checkpoints).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import shutil
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     save_app_examples(root)
     print(f"\nexports: {root}/<stage>/export   tensorboard: tensorboard --logdir {root}")
     app = "" if root == Path("runs/demo") else f" --pipeline {root / 'instruct' / 'export'}"
-    print(f"try it in the browser: python -m kosmos_g.app{app}")
+    extras = "" if importlib.util.find_spec("gradio") else "make venv (the web app's packages), then "
+    print(f"try it in the browser: {extras}python -m kosmos_g.app{app}")
     return rows
 
 

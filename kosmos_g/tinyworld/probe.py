@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import CLIPVisionModel
 
-from kosmos_g.data.format import SubjectImage
 from kosmos_g.models.aligner import AlignerNet
 from kosmos_g.models.mllm import MultimodalLM
 from kosmos_g.processor import KosmosGProcessor, clip_image_transform
@@ -34,15 +34,20 @@ from kosmos_g.tinyworld.world import SHAPES, subject_examples
 POINTS = ("ViT CLS", "connector", "MLLM image slots", "M output c")
 
 
+def prompts(examples) -> list[list]:
+    """The prompts as the demo evaluates them: entity words dropped, the crop or the crop on white."""
+    rng = random.Random(0)
+    return [instruction(e.sample, rng, entity_drop_prob=1.0) for e in examples]
+
+
 @torch.no_grad()
 def features(export: Path, examples, batch_size: int = 50) -> dict[str, torch.Tensor]:
     """Per example and per point of the image path (see `POINTS`), one feature vector [n, d]."""
     mllm, aligner = MultimodalLM.from_pretrained(export / "mllm").eval(), AlignerNet.from_pretrained(export / "aligner").eval()
     processor = KosmosGProcessor.from_pretrained(export / "processor")
-    rng, out = random.Random(0), {p: [] for p in POINTS}
-    for i in range(0, len(examples), batch_size):
-        batch = processor.collate([processor(instruction(e.sample, rng, entity_drop_prob=1.0))
-                                   for e in examples[i:i + batch_size]])
+    texts, out = prompts(examples), {p: [] for p in POINTS}
+    for i in range(0, len(texts), batch_size):
+        batch = processor.collate([processor(prompt) for prompt in texts[i:i + batch_size]])
         pixels, slots = batch["pixel_values"], batch["image_mask"].bool()
         vision = mllm.vision_model(pixel_values=pixels).last_hidden_state
         states = mllm.encode(batch["input_ids"], batch["attention_mask"], pixel_values=pixels, image_mask=slots)
@@ -59,7 +64,7 @@ def tower_features(clip: Path, examples) -> torch.Tensor:
     """The CLS (pooled, post-LayerNorm) of a CLIP image tower, e.g. the teacher CLIP the MLLM's ViT starts from."""
     tower = CLIPVisionModel.from_pretrained(clip).eval()
     transform = clip_image_transform(tower.config.image_size)
-    crops = [next(s for s in e.sample.segments if isinstance(s, SubjectImage)).image for e in examples]
+    crops = [next(seg for seg in prompt if isinstance(seg, Image.Image)) for prompt in prompts(examples)]
     return tower(pixel_values=torch.stack([transform(c.convert("RGB")) for c in crops])).pooler_output
 
 
@@ -67,7 +72,6 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Ten
     """Fit a multinomial logistic regression (standardised features, small L2) and predict the test classes."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    torch.manual_seed(0)
     layer = torch.nn.Linear(x_train.shape[1], int(y_train.max()) + 1)
     torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
