@@ -19,7 +19,7 @@ from filelock import FileLock
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from kosmos_g.config import SAMPLE_KINDS, ConfigError, DataConfig, ModelConfig, TrainConfig
+from kosmos_g.config import SAMPLE_KINDS, TINY_WORLD_COMMAND, ConfigError, DataConfig, ModelConfig, TrainConfig
 from kosmos_g.data.shards import read_shards
 from kosmos_g.models.diffusion import save_tiny_sd_folder
 from kosmos_g.models.tokenizers import (SPM_MODEL, add_kosmos_specials, check_special_layout, official_tokenizer,
@@ -28,8 +28,6 @@ from kosmos_g.models.tokenizers import (SPM_MODEL, add_kosmos_specials, check_sp
 SD_TEXT_PARTS = ("tokenizer", "text_encoder")  # what stage align reads (its CLIP-text targets)
 SD_IMAGE_PARTS = ("unet", "vae", "scheduler")  # what stage instruct and generation read
 STAGE_SD_PARTS = {"mllm": (), "align": SD_TEXT_PARTS, "instruct": SD_IMAGE_PARTS}
-# data=tiny reads the tiny world's shards; the core never writes them (kosmos_g.tinyworld is the demo's).
-TINY_WORLD_COMMAND = "python -m kosmos_g.tinyworld.data --out {root}"
 
 
 def prepare_assets(cfg: TrainConfig, paths, init_export: Path | None) -> None:

@@ -267,6 +267,10 @@ def _per_kind() -> Dict[str, Optional[str]]:
     return {kind: None for kind in SAMPLE_KINDS}
 
 
+# data=tiny reads the tiny world's shards; the core never writes them (kosmos_g.tinyworld is the demo's).
+TINY_WORLD_COMMAND = "python -m kosmos_g.tinyworld.data --out {root}"
+
+
 @dataclass
 class DataConfig:
     """Where the training shards are (docs/data-format.md) and how they are mixed and read.

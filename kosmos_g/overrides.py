@@ -9,11 +9,11 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-from kosmos_g.config import CONFIG_DIR, SAMPLE_KINDS, ConfigError, TrainConfig
+from kosmos_g.config import CONFIG_DIR, SAMPLE_KINDS, TINY_WORLD_COMMAND, ConfigError, TrainConfig
 
 # Keys that were removed, and what to do instead (an override naming one gets this as its error).
-_NO_WORLD = ("train.py no longer writes the tiny world: write it first with `python -m kosmos_g.tinyworld.data --out "
-             "<data.root> [--samples N]` (data.root: runs/<run_name>/data)")
+_NO_WORLD = (f"train.py no longer writes the tiny world: write it first with "
+             f"`{TINY_WORLD_COMMAND.format(root='<data.root>')} [--samples N]` (data.root: runs/<run_name>/data)")
 REMOVED_KEYS = {"model.clip_max_tokens": "set model.aligner.num_queries (the U-Net condition length; the CLIP text "
                                          "length follows it)",
                 "data.generate_tiny_world": _NO_WORLD, "data.tiny_world_samples": _NO_WORLD}

@@ -49,11 +49,12 @@ def features(export: Path, examples, batch_size: int = 50) -> dict[str, torch.Te
     for i in range(0, len(texts), batch_size):
         batch = processor.collate([processor(prompt) for prompt in texts[i:i + batch_size]])
         pixels, slots = batch["pixel_values"], batch["image_mask"].bool()
-        vision = mllm.vision_model(pixel_values=pixels).last_hidden_state
+        # One ViT pass for both: Kosmos-2's image features keep the tower's tokens beside the connector's output.
+        image = mllm.get_image_features(pixels, return_dict=True)
         states = mllm.encode(batch["input_ids"], batch["attention_mask"], pixel_values=pixels, image_mask=slots)
         c = aligner.encode(states, padding_mask=batch["attention_mask"] == 0)
-        out["ViT CLS"].append(mllm.vision_model.model.post_layernorm(vision[:, 0]))
-        out["connector"].append(mllm.image_features(pixels).mean(1))
+        out["ViT CLS"].append(mllm.vision_model.model.post_layernorm(image.last_hidden_state[:, 0]))
+        out["connector"].append(image.pooler_output.mean(1))
         out["MLLM image slots"].append(torch.stack([s[m].mean(0) for s, m in zip(states, slots)]))
         out["M output c"].append(c.flatten(1))
     return {p: torch.cat(v) for p, v in out.items()}
