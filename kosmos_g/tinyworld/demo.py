@@ -34,7 +34,7 @@ from kosmos_g.stages.common import load_mllm
 from kosmos_g.stages.instruct import instruction
 from kosmos_g.testing import read_scalars
 from kosmos_g.tinyworld.data import write_world_shards
-from kosmos_g.tinyworld.evaluate import (NOVEL, TASKS, WorldScorer, kosmos_generator, save_comparison_grid, table,
+from kosmos_g.tinyworld.evaluate import (NOVEL, STEPS, TASKS, WorldScorer, kosmos_generator, save_comparison_grid, table,
                                          teacher_generator, test_examples)
 from kosmos_g.tinyworld.oracle import to_tensor
 from kosmos_g.tinyworld.teachers import is_complete, teacher_settings, train_teachers
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "that one, among the edits that leave it alone). The teacher "
                       "row gets the TRUE caption of the edited scene (an upper bound; it never sees the source)."}
     report = "\n".join([
-        f"# Tiny-world demo ({plan['test']} held-out prompts per table, 20 DPM-Solver++ steps, guidance 4)", "",
+        f"# Tiny-world demo ({plan['test']} held-out prompts per table, {STEPS} DPM-Solver++ steps, guidance 4)", "",
         "Accuracies (%) by the attribute oracle; each table repeats its rows on the examples whose target shows "
         f"a novel (held-out) (shape, colour) pair (\"{NOVEL}: ...\").", "",
         *[line for task in TASKS for line in (f"## {task}", "", table(task, rows[task], examples[task]), "",
