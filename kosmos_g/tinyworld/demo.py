@@ -34,8 +34,8 @@ from kosmos_g.stages.common import load_mllm
 from kosmos_g.stages.instruct import instruction
 from kosmos_g.testing import read_scalars
 from kosmos_g.tinyworld.data import write_world_shards
-from kosmos_g.tinyworld.evaluate import (NOVEL, STEPS, TASKS, WorldScorer, kosmos_generator, save_comparison_grid, table,
-                                         teacher_generator, test_examples)
+from kosmos_g.tinyworld.evaluate import (NOVEL, STEPS, TASKS, WorldScorer, kosmos_generator, save_comparison_grid,
+                                         table, teacher_generator, test_examples)
 from kosmos_g.tinyworld.oracle import to_tensor
 from kosmos_g.tinyworld.teachers import is_complete, teacher_settings, train_teachers
 from kosmos_g.tinyworld.world import edit_examples
