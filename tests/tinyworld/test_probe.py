@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kosmos_g.tinyworld.probe import POINTS, linear_probe, main, markdown
+from kosmos_g.tinyworld.probe import POINTS, linear_probe, main, markdown, probe
 
 
 def test_linear_probe_separates_linearly_separable_classes_and_not_noise():
@@ -30,3 +30,9 @@ def test_markdown_has_one_row_per_point_and_two_columns_per_export():
 def test_a_run_without_exports_names_the_command_that_makes_them(tmp_path):
     with pytest.raises(SystemExit, match="tinyworld.demo"):
         main([str(tmp_path)])
+
+
+def test_too_few_held_out_prompts_to_have_seen_and_novel_pairs_is_an_error_that_says_use_more():
+    # One held-out prompt is either a seen or a novel pair: no seen-vs-novel comparison, so no silent NaN column.
+    with pytest.raises(ValueError, match="need both seen and novel.*use more"):
+        probe({}, n_train=2, n_test=1)
