@@ -22,7 +22,7 @@ $(RUN_STAMP): pyproject.toml constraints.txt
 	$(INSTALL) -c constraints.txt -e . || $(PIP) -c constraints.txt -e .
 	touch $(RUN_STAMP)
 
-# The second pip line is test-only: pip torchscale, the independent reference for the original Kosmos-G
+# The second line is test-only: torchscale, the independent reference for the original Kosmos-G
 # decoder and AlignerNet (tests/test_official.py, tests/models/test_aligner.py). --no-deps because torchscale pins an
 # old timm; it needs only torch and fairscale.
 $(STAMP): $(RUN_STAMP)
