@@ -8,9 +8,12 @@ BIN    := $(VENV)/bin
 # the runtime stack into a fresh venv took 18 s with uv, 83 s with pip --no-compile and 156 s with pip's default
 # byte-compiling. Where uv cannot install (no wheel for the platform, an index only pip is configured for), pip does.
 PIP       := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile
-INSTALL   := $(BIN)/uv pip install --quiet --python $(BIN)/python
+UV        := $(BIN)/uv pip install --quiet --python $(BIN)/python
+install    = $(UV) $(1) || $(PIP) $(1)
 RUN_STAMP := $(VENV)/.installed-run
 STAMP     := $(VENV)/.installed
+# The extras as a variable: a comma written inside $(call install,...) would split its argument.
+EXTRAS    := .[dev,app]
 
 .PHONY: demo test venv browser clean-runs
 
@@ -19,15 +22,15 @@ venv: $(STAMP)
 $(RUN_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -c constraints.txt uv || true
-	$(INSTALL) -c constraints.txt -e . || $(PIP) -c constraints.txt -e .
+	$(call install,-c constraints.txt -e .)
 	touch $(RUN_STAMP)
 
 # The second line is test-only: torchscale, the independent reference for the original Kosmos-G
 # decoder and AlignerNet (tests/test_official.py, tests/models/test_aligner.py). --no-deps because torchscale pins an
 # old timm; it needs only torch and fairscale.
 $(STAMP): $(RUN_STAMP)
-	$(INSTALL) -c constraints.txt -e '.[dev,app]' || $(PIP) -c constraints.txt -e '.[dev,app]'
-	$(INSTALL) --no-deps torchscale==0.3.0 fairscale==0.4.0 || $(PIP) --no-deps torchscale==0.3.0 fairscale==0.4.0
+	$(call install,-c constraints.txt -e '$(EXTRAS)')
+	$(call install,--no-deps torchscale==0.3.0 fairscale==0.4.0)
 	touch $(STAMP)
 
 demo: $(RUN_STAMP)
